@@ -1,0 +1,4 @@
+from .config import VPTConfig
+from .model import VPTModel
+
+__all__ = ["VPTConfig", "VPTModel"]
