@@ -8,12 +8,16 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
     model = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=10, num_classes=100))
 """
 
-from .backbones import BackboneSpec
+from .backbones import SUPPORTED_MODELS, BackboneSpec
+from .loading import from_pretrained
 from .registry import register_method
 from .tuners.vpt import VPTConfig, VPTModel
 
 __version__ = "0.1.0"
 
-register_method("vpt", VPTConfig, VPTModel)
+# method name -> (config, tuner); registration makes them real peft methods (PeftType.VPT, ...)
+METHODS = {"vpt": (VPTConfig, VPTModel)}
+for _name, (_config_cls, _model_cls) in METHODS.items():
+    register_method(_name, _config_cls, _model_cls)
 
-__all__ = ["BackboneSpec", "VPTConfig", "VPTModel", "__version__"]
+__all__ = ["BackboneSpec", "METHODS", "SUPPORTED_MODELS", "VPTConfig", "VPTModel", "from_pretrained", "__version__"]

@@ -1,0 +1,58 @@
+"""Data loading for retrieval: benchmark layouts, image folders and Hub data sets as class-disjoint
+`datasets.DatasetDict`s, plus safe RGB decoding and a bad-image scan."""
+
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    LOADERS,
+    OFFICIAL_COUNTS,
+    DatasetCountError,
+    detect_layout,
+    load_cars196,
+    load_cub200,
+    load_flowers102,
+    load_hub_dataset,
+    load_imagefolder,
+    load_inshop,
+    load_retrieval_dataset,
+    load_sop,
+    rgb_transform,
+    split_classes,
+    with_rgb_images,
+)
+from .images import (
+    DEFAULT_MIN_SIZE,
+    BadImage,
+    BadImagesError,
+    ImageDecodeError,
+    check_image,
+    load_rgb,
+    scan_images,
+    to_rgb,
+)
+
+__all__ = [
+    "DEFAULT_MIN_SIZE",
+    "IMAGE_EXTENSIONS",
+    "LOADERS",
+    "OFFICIAL_COUNTS",
+    "BadImage",
+    "BadImagesError",
+    "DatasetCountError",
+    "ImageDecodeError",
+    "check_image",
+    "detect_layout",
+    "load_cars196",
+    "load_cub200",
+    "load_flowers102",
+    "load_hub_dataset",
+    "load_imagefolder",
+    "load_inshop",
+    "load_retrieval_dataset",
+    "load_rgb",
+    "load_sop",
+    "rgb_transform",
+    "scan_images",
+    "split_classes",
+    "to_rgb",
+    "with_rgb_images",
+]

@@ -1,0 +1,103 @@
+"""The class-balanced training dataloader, wired into accelerate correctly.
+
+What ``accelerator.prepare(dataloader)`` does with a custom batch sampler (accelerate 1.15, read in
+``accelerate/data_loader.py::prepare_data_loader`` and checked under 2-process gloo DDP): with more than one
+process and ``dispatch_batches`` off, it always wraps ``dataloader.batch_sampler`` in ``BatchSamplerShard``.
+
+* ``split_batches=False`` (the default): process ``p`` keeps batch ``i`` iff ``i % num_processes == p``.
+  A sampler that already yields only its own process's batches would lose ``(num_processes - 1) /
+  num_processes`` of them: half an epoch each with 2 processes.
+* ``split_batches=True``: each batch is cut into ``num_processes`` slices, which halves the per-process
+  batch size and can cut a class's ``m`` images apart.
+
+The design here: the sampler produces the global sequence (every process's batch of every step, in process
+order; ``MPerClassBatchSampler(all_replicas=True)``) and accelerate deals it out with the default
+``split_batches=False``, so process ``p`` gets exactly the batch the sampler meant for rank ``p``. The
+dataloader stays prepared, so accelerate still moves batches to the device, marks the end of the dataloader
+for gradient accumulation, and supports ``skip_first_batches`` for resuming. ``tests/test_samplers.py``
+checks it under real 2-process DDP.
+
+Without accelerate (plain ``torchrun`` + ``DistributedDataParallel``) pass a
+``MPerClassBatchSampler`` (default ``all_replicas=False``; rank and world size are read from
+``torch.distributed``) straight to ``DataLoader(batch_sampler=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.samplers import MPerClassBatchSampler
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["build_train_dataloader"]
+
+_SAMPLER_OWNED = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
+
+
+def build_train_dataloader(
+    dataset: Dataset,
+    labels: Sequence | np.ndarray | torch.Tensor,
+    accelerator: Accelerator,
+    *,
+    m: int,
+    batch_size: int,
+    seed: int = 0,
+    length_before_new_iter: int | None = None,
+    drop_last: bool = True,
+    **dataloader_kwargs: Any,
+) -> tuple[DataLoader, MPerClassBatchSampler]:
+    """A prepared dataloader of class-balanced batches, and its sampler.
+
+    Args:
+        dataset: map-style dataset; ``labels[i]`` is the class of ``dataset[i]``.
+        labels: one label per dataset index (pass them in, not read from the dataset: reading would decode
+            every image).
+        accelerator: the run's ``Accelerator``; must use the default ``split_batches=False`` and
+            ``dispatch_batches`` off (see the module docstring).
+        m: images per class in a batch.
+        batch_size: images per batch **per process** (the global batch is ``batch_size × num_processes``).
+        seed: sampling seed, the same on every process.
+        length_before_new_iter, drop_last: epoch length, see ``MPerClassBatchSampler``.
+        **dataloader_kwargs: passed to ``DataLoader`` (``num_workers``, ``collate_fn``, ``pin_memory``, ...).
+
+    Returns:
+        ``(dataloader, sampler)``. Call ``sampler.set_epoch(epoch)`` at the start of every epoch, on every
+        process: accelerate's ``dataloader.set_epoch`` does not reach a custom batch sampler.
+        ``len(dataloader)`` is the number of batches per process.
+    """
+    if accelerator.split_batches:
+        raise ValueError(
+            "build_train_dataloader needs split_batches=False: with split_batches=True accelerate cuts every "
+            "batch into per-process slices, which breaks the m-images-per-class layout"
+        )
+    if accelerator.dispatch_batches:
+        raise ValueError(
+            "build_train_dataloader needs dispatch_batches off: each process builds the same batch sequence "
+            "itself, so there is nothing to dispatch"
+        )
+    clashing = sorted(set(dataloader_kwargs) & set(_SAMPLER_OWNED))
+    if clashing:
+        raise TypeError(f"{clashing} are set by the sampler; pass batch_size/drop_last as named arguments")
+    if hasattr(dataset, "__len__") and len(dataset) != len(labels):
+        raise ValueError(f"len(labels) ({len(labels)}) != len(dataset) ({len(dataset)})")
+
+    sampler = MPerClassBatchSampler(
+        labels,
+        m,
+        batch_size,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=seed,
+        drop_last=drop_last,
+        length_before_new_iter=length_before_new_iter,
+        all_replicas=True,  # accelerate's BatchSamplerShard deals batch i to process i % num_processes
+    )
+    dataloader = DataLoader(dataset, batch_sampler=sampler, **dataloader_kwargs)
+    return accelerator.prepare(dataloader), sampler
