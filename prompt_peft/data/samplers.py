@@ -113,8 +113,8 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         self.classes_per_step = self.classes_per_batch * num_replicas
         if self.num_classes < self.classes_per_step:
             raise ValueError(
-                f"need at least batch_size // m × num_replicas = {self.classes_per_batch} × {num_replicas} = "
-                f"{self.classes_per_step} classes (distinct within a step across processes), "
+                f"need at least batch_size // m × num_replicas = {self.classes_per_batch} × {num_replicas}"
+                f" = {self.classes_per_step} classes (distinct within a step across processes), "
                 f"got {self.num_classes}; lower batch_size, raise m, or use fewer processes"
             )
 
@@ -154,12 +154,13 @@ class MPerClassBatchSampler(Sampler[list[int]]):
     def _build_steps(self, epoch: int) -> list[list[list[int]]]:
         """The global sequence of the epoch: ``steps[s][r]`` is process ``r``'s batch at step ``s``."""
         rng = np.random.default_rng([self.seed, epoch])
-        num_steps, per_step, m = self.num_steps, self.classes_per_step, self.m
+        num_steps, per_step = self.num_steps, self.classes_per_step
         needed = num_steps * per_step
         # A class gives at most num_steps groups, so that the deal below never puts it twice in one step.
         taken = np.zeros(self.num_classes, dtype=np.int64)
         chosen: list[tuple[int, np.ndarray]] = []
-        while len(chosen) < needed:  # first round: every group once; later rounds only when the epoch needs more
+        # First round: every group once. Later rounds (images served again) only when the epoch needs more.
+        while len(chosen) < needed:
             candidates = [
                 (c, group)
                 for c in range(self.num_classes)
@@ -177,12 +178,13 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         for c, group in chosen:
             by_class.setdefault(c, []).append(group)
         flat = [group for c in rng.permutation(list(by_class)) for group in by_class[int(c)]]
+        k = self.classes_per_batch
         steps = []
         for s in rng.permutation(num_steps):
             slots = [flat[j] for j in range(s, needed, num_steps)]
             slots = [slots[i] for i in rng.permutation(per_step)]
-            k = self.classes_per_batch
-            steps.append([np.concatenate(slots[r * k : (r + 1) * k]).tolist() for r in range(self.num_replicas)])
+            batches = [np.concatenate(slots[r * k : (r + 1) * k]).tolist() for r in range(self.num_replicas)]
+            steps.append(batches)
         return steps
 
     def _class_groups(self, c: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -116,7 +116,9 @@ def build_scheduler(
         warmup_steps = math.ceil(warmup_ratio * num_training_steps)
     warmup_steps = warmup_steps or 0
     if not 0 <= warmup_steps <= num_training_steps:
-        raise ValueError(f"warmup_steps must be in [0, num_training_steps={num_training_steps}], got {warmup_steps}")
+        raise ValueError(
+            f"warmup_steps must be in [0, num_training_steps={num_training_steps}], got {warmup_steps}"
+        )
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     return get_cosine_schedule_with_warmup(
