@@ -19,6 +19,8 @@ from .datasets import (
     split_classes,
     with_rgb_images,
 )
+from .samplers import MPerClassBatchSampler
+from .transforms import eval_transform, make_collate_fn, train_transform
 from .images import (
     DEFAULT_MIN_SIZE,
     BadImage,
@@ -31,6 +33,10 @@ from .images import (
 )
 
 __all__ = [
+    "MPerClassBatchSampler",
+    "eval_transform",
+    "make_collate_fn",
+    "train_transform",
     "DEFAULT_MIN_SIZE",
     "IMAGE_EXTENSIONS",
     "LOADERS",

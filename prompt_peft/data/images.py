@@ -1,9 +1,10 @@
 """Safe image decoding for training, and a parallel scan that finds bad image files before training starts.
 
 `load_rgb` is what training code should use to decode an image: it always returns an 8-bit RGB `PIL.Image`
-(EXIF orientation applied, alpha flattened onto a background, 16-bit grey scaled rather than clipped) or raises
-`ImageDecodeError` naming the file. `scan_images` runs the same decoding over a whole data set with a thread pool
-(Pillow releases the GIL while decoding) so that broken files are found up front instead of mid-epoch.
+(EXIF orientation applied, alpha flattened onto a background, 16-bit grey scaled rather than clipped) or
+raises `ImageDecodeError` naming the file. `scan_images` runs the same decoding over a whole data set with a
+thread pool (Pillow releases the GIL while decoding) so that broken files are found up front instead of
+mid-epoch.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from PIL import ExifTags, Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
-#: Images whose shorter side is below this many pixels are reported as bad by `scan_images` (a 1×1 or 4×4 file is
-#: a broken download or a placeholder, not a photo; no benchmark image is anywhere near this small).
+#: Images whose shorter side is below this many pixels are reported as bad by `scan_images` (a 1×1 or 4×4 file
+#: is a broken download or a placeholder, not a photo; no benchmark image is anywhere near this small).
 DEFAULT_MIN_SIZE = 16
 #: Colour that transparent pixels are flattened onto.
 DEFAULT_BACKGROUND = (255, 255, 255)
@@ -100,7 +101,7 @@ def _open(source: ImageSource, name: str) -> Image.Image:
         if path is None:
             raise ImageDecodeError(name, "neither a path nor bytes were given")
         try:
-            # Read the whole file first: no file handle outlives this call, and Pillow sees a truncated file as such.
+            # Read the whole file first: no file handle outlives this call, and truncation shows as such.
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as err:
@@ -110,7 +111,7 @@ def _open(source: ImageSource, name: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now, so that truncation and corrupt data surface here
-    except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... for bad data
+    except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, ... on bad data
         raise ImageDecodeError(name, f"{type(err).__name__}: {err}") from err
     return image
 
@@ -125,10 +126,11 @@ def _flatten_alpha(image: Image.Image, background: tuple[int, int, int]) -> Imag
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
     """Convert a decoded PIL image of any mode to 8-bit RGB.
 
-    Transparency (RGBA, LA, palette or grey/RGB with a `transparency` key) is flattened onto `background` instead of
-    exposing whatever colour hides under alpha 0. 16-bit grey (`I;16*`, and `I`, which older Pillow used for
-    16-bit PNGs) is scaled from 0–65535 to 0–255, where `Image.convert` would clip everything above 255 to white.
-    CMYK, YCbCr, LAB, 1-bit and 8-bit grey use Pillow's own conversion (CMYK without colour management).
+    Transparency (RGBA, LA, palette or grey/RGB with a `transparency` key) is flattened onto `background`
+    instead of exposing whatever colour hides under alpha 0. 16-bit grey (`I;16*`, and `I`, which older Pillow
+    used for 16-bit PNGs) is scaled from 0–65535 to 0–255, where `Image.convert` would clip everything above
+    255 to white. CMYK, YCbCr, LAB, 1-bit and 8-bit grey use Pillow's own conversion (CMYK without colour
+    management).
     """
     mode = image.mode
     if mode == "RGB":
@@ -153,12 +155,12 @@ def load_rgb(
     """Decode `image` into an 8-bit RGB `PIL.Image`, or raise `ImageDecodeError` naming the file.
 
     Args:
-        image: a path, the file's bytes, a `datasets.Image(decode=False)` value `{"path": ..., "bytes": ...}`, or an
-            already opened PIL image.
+        image: a path, the file's bytes, a `datasets.Image(decode=False)` value `{"path": ..., "bytes": ...}`,
+            or an already opened PIL image.
         background: colour that transparent pixels are flattened onto (see `to_rgb`).
         exif_transpose: rotate/flip according to the EXIF orientation tag, as cameras expect.
 
-    The whole file is decoded (not only its header), so truncated and corrupt files fail here, with the file name.
+    The whole file is decoded (not only its header): truncated and corrupt files fail here, naming the file.
     """
     name = _source_name(image)
     decoded = _open(image, name)
@@ -166,7 +168,7 @@ def load_rgb(
         try:
             if decoded.getexif().get(ExifTags.Base.Orientation, 1) != 1:
                 decoded = ImageOps.exif_transpose(decoded)  # a rotated copy; never modifies a caller's image
-        except Exception as err:  # a corrupt EXIF block should not make good pixels unusable
+        except Exception as err:  # noqa: BLE001 - a corrupt EXIF block should not make good pixels unusable
             logger.warning("ignoring unreadable EXIF orientation of %s: %s", name, err)
     try:
         return to_rgb(decoded, background)
@@ -175,7 +177,7 @@ def load_rgb(
 
 
 def check_image(image: ImageSource, *, min_size: int | None = DEFAULT_MIN_SIZE) -> str | None:
-    """Decode `image` as `load_rgb` would at training time; return why it is unusable, or None when it is fine.
+    """Decode `image` as `load_rgb` does at training time; return why it is unusable, or None if it is fine.
 
     An image whose shorter side is below `min_size` pixels counts as unusable (None disables that check).
     """
@@ -194,7 +196,7 @@ R = TypeVar("R")
 
 
 def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
-    """`map` over a thread pool, in order, with at most `window` items in flight (items may be large bytes)."""
+    """`map` over a thread pool, in order, with at most `window` items in flight (items may be big bytes)."""
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -220,8 +222,8 @@ def scan_images(
     """Decode every image and return `(position, BadImage)` for each one that is unusable, in input order.
 
     Each image goes through `check_image` (full decode, RGB conversion, size check) on a pool of `num_workers`
-    threads (default: the number of CPUs). `progress` shows a tqdm bar. Nothing is raised for bad images: the caller
-    decides whether to fail or to skip them (see `load_retrieval_dataset(on_bad_image=...)`).
+    threads (default: the number of CPUs). `progress` shows a tqdm bar. Nothing is raised for bad images: the
+    caller decides whether to fail or to skip them (see `load_retrieval_dataset(on_bad_image=...)`).
     """
     from tqdm.auto import tqdm
 
