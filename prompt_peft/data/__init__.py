@@ -20,7 +20,7 @@ from .datasets import (
     with_rgb_images,
 )
 from .samplers import MPerClassBatchSampler
-from .transforms import eval_transform, make_collate_fn, train_transform
+from .transforms import SeededRows, eval_transform, make_collate_fn, train_transform
 from .images import (
     DEFAULT_MIN_SIZE,
     BadImage,
@@ -34,6 +34,7 @@ from .images import (
 
 __all__ = [
     "MPerClassBatchSampler",
+    "SeededRows",
     "eval_transform",
     "make_collate_fn",
     "train_transform",

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from .images import to_rgb
 
@@ -76,13 +77,15 @@ def train_transform(
     """Random resized crop (area ``scale``, aspect ``ratio``) to ``image_size`` + horizontal flip.
 
     Draws from the global ``random`` module by default: accelerate seeds it, saves it in checkpoints and
-    DataLoader workers re-seed it, so runs are reproducible and resume exactly.
+    DataLoader workers re-seed it. For exactly reproducible runs pass a per-sample ``rng`` at call time
+    (``transform(image, rng)``); :class:`SeededRows` + :func:`make_collate_fn` do that.
     """
     image_size = image_size or _native_size(processor)[0]
     mean, std, resample = processor.image_mean, processor.image_std, _resample(processor)
-    rng = rng or random
+    default_rng = rng or random
 
-    def transform(image: Image.Image) -> torch.Tensor:
+    def transform(image: Image.Image, rng=None) -> torch.Tensor:
+        rng = rng or default_rng
         image = to_rgb(image)
         width, height = image.size
         box = (0, 0, width, height)
@@ -102,6 +105,32 @@ def train_transform(
     return transform
 
 
+class SeededRows(Dataset):
+    """A dataset view whose rows carry ``augment_seed``, a function of ``(seed, epoch, index)`` only.
+
+    Random augmentation then no longer depends on the order in which batches are fetched (accelerate fetches
+    one batch ahead) or on which process or worker fetches them, so a resumed run sees the very same images
+    as an uninterrupted one. Call :meth:`set_epoch` at the start of every epoch.
+    """
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = dict(self.dataset[index])
+        row[AUGMENT_SEED] = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
+        return row
+
+
+AUGMENT_SEED = "augment_seed"
+
+
 def make_collate_fn(
     transform: Transform,
     image_column: str = "image",
@@ -111,12 +140,18 @@ def make_collate_fn(
     """Batch ``datasets`` rows into ``{"pixel_values": (B, 3, H, W), "labels": (B,)}``.
 
     ``label_map`` renumbers labels on the fly (e.g. the train classes to ``0..C-1`` for the proxies).
+    Rows from :class:`SeededRows` are augmented with their own ``random.Random(augment_seed)``.
     """
+
+    def apply(row: dict[str, Any]) -> torch.Tensor:
+        if AUGMENT_SEED in row:
+            return transform(row[image_column], random.Random(row[AUGMENT_SEED]))
+        return transform(row[image_column])
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = [int(row[label_column]) for row in rows]
         return {
-            "pixel_values": torch.stack([transform(row[image_column]) for row in rows]),
+            "pixel_values": torch.stack([apply(row) for row in rows]),
             "labels": torch.tensor([label_map[label] for label in labels] if label_map else labels),
         }
 

@@ -62,6 +62,8 @@ def embed_dataset(
     (shards differ by at most one item, nothing is padded into the data) and the shards are gathered back in
     dataset order, so every process returns exactly N rows, none duplicated or dropped.
     """
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)  # no DDP sync is needed (or wanted) for inference
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0

@@ -1,10 +1,25 @@
-"""Reusable training building blocks: class-balanced dataloader, optimiser groups, schedule, loss guard.
+"""Reusable training building blocks: class-balanced dataloader, optimiser groups, schedule, loss guard,
+crash-safe checkpoints and the retrieval evaluation loop.
 
 Seeding: use ``accelerate.utils.set_seed`` (not re-implemented here).
 """
 
+from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .checks import check_finite
 from .dataloader import build_train_dataloader
+from .evaluation import evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler
 
-__all__ = ["PROXY_LR_FACTOR", "build_optimizer", "build_scheduler", "build_train_dataloader", "check_finite"]
+__all__ = [
+    "PROXY_LR_FACTOR",
+    "build_optimizer",
+    "build_scheduler",
+    "build_train_dataloader",
+    "check_finite",
+    "evaluate_retrieval",
+    "format_metrics",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

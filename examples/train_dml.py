@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Train a prompt_peft adapter on a frozen ViT for image retrieval, evaluate it, save (and publish) it.
+
+    accelerate launch examples/train_dml.py --config examples/configs/vpt.yaml \
+        --backbone facebook/dinov2-small --dataset flowers102 --data_root data/flowers102
+
+Any method (``--method vpt|ship|semantic_proxy|frpt``; method options in ``--method_kwargs`` JSON or the YAML
+``method_kwargs:`` mapping), any backbone (Hub id or local path), any data set ``prompt_peft.data`` loads.
+Values come from the dataclass defaults, then the YAML file, then the command line.
+
+Organised like transformers' ``no_trainer`` examples; the reusable parts (class-balanced sampler, optimiser
+groups, schedule, crash-safe checkpoints, evaluation loop) live in ``prompt_peft.training`` and are tested.
+Multi-process on CPU: ``accelerate launch --multi_gpu --num_processes 2 examples/train_dml.py ...`` (the
+script asks Accelerate for the CPU when no GPU is present, which makes that a real gloo DDP job).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import get_peft_model
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
+
+import prompt_peft
+from prompt_peft.data import (
+    SeededRows,
+    eval_transform,
+    load_retrieval_dataset,
+    make_collate_fn,
+    train_transform,
+    with_rgb_images,
+)
+from prompt_peft.training import (
+    build_optimizer,
+    build_scheduler,
+    build_train_dataloader,
+    check_finite,
+    evaluate_retrieval,
+    format_metrics,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+logger = logging.getLogger("train_dml")
+
+
+@dataclass
+class ModelArguments:
+    backbone: str = field(default="facebook/dinov2-small", metadata={"help": "Hub id or local path of the ViT."})
+    method: str = field(default="vpt", metadata={"help": f"One of {sorted(prompt_peft.METHODS)}."})
+    method_kwargs: str = field(default="{}", metadata={"help": "JSON of method options, e.g. '{\"num_prompts\": 10}'."})
+    embedding_dim: int = field(default=512, metadata={"help": "Size of the retrieval embedding."})
+    base_model_hub_id: Optional[str] = field(
+        default=None, metadata={"help": "Hub id recorded in the adapter when --backbone is a local path."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="flowers102", metadata={"help": "Loader name, directory, Hub id or parquet."})
+    data_root: Optional[str] = field(default=None, metadata={"help": "Directory (or Hub id) of the data set."})
+    image_size: Optional[int] = field(default=None, metadata={"help": "Train/eval resolution (default: native)."})
+    m_per_class: int = field(default=4, metadata={"help": "Images per class in a batch."})
+    batch_size: int = field(default=32, metadata={"help": "Images per batch per process."})
+    eval_batch_size: int = field(default=64)
+    num_workers: int = field(default=2)
+    check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/run")
+    num_epochs: int = field(default=10)
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimiser steps."})
+    learning_rate: float = field(default=1e-3)
+    proxy_lr: Optional[float] = field(default=None, metadata={"help": "Default: 100 x learning_rate."})
+    weight_decay: float = field(default=0.0)
+    warmup_ratio: float = field(default=0.1)
+    max_grad_norm: float = field(default=1.0)
+    gradient_accumulation_steps: int = field(default=1)
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 needs a GPU)."})
+    seed: int = field(default=42)
+    eval_every_epochs: int = field(default=1, metadata={"help": "0: evaluate only at the end."})
+    checkpointing_steps: Optional[int] = field(default=None, metadata={"help": "Save the state every N steps."})
+    keep_checkpoints: int = field(default=2)
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a path."})
+    report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. tensorboard."})
+    push_to_hub: bool = field(default=False)
+    hub_model_id: Optional[str] = field(default=None)
+    hub_private: bool = field(default=False)
+    config: Optional[str] = field(default=None, metadata={"help": "YAML file of defaults (CLI flags win)."})
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    if config_path:
+        values = yaml.safe_load(Path(config_path).read_text()) or {}
+        if isinstance(values.get("method_kwargs"), dict):
+            values["method_kwargs"] = json.dumps(values["method_kwargs"])
+        known = {f for cls in (ModelArguments, DataArguments, TrainArguments) for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"{config_path}: unknown keys {unknown}")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_model(model_args: ModelArguments, num_classes: int):
+    if model_args.method not in prompt_peft.METHODS:
+        raise SystemExit(f"--method must be one of {sorted(prompt_peft.METHODS)}, got {model_args.method!r}")
+    config_cls = prompt_peft.METHODS[model_args.method][0]
+    kwargs = json.loads(model_args.method_kwargs)
+    config = config_cls(embedding_dim=model_args.embedding_dim, num_classes=num_classes, **kwargs)
+    backbone = AutoModel.from_pretrained(model_args.backbone)
+    model = get_peft_model(backbone, config)
+    if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card
+        model.peft_config["default"].base_model_name_or_path = model_args.base_model_hub_id
+    return model
+
+
+def contiguous_labels(split) -> tuple[torch.Tensor, dict[int, int]]:
+    """Train labels as 0..C-1 (proxies are indexed by class); the data set's ClassLabels may not be."""
+    original = np.asarray(split.with_format("numpy")["label"]).tolist()  # label column only, no decoding
+    mapping = {label: i for i, label in enumerate(sorted(set(original)))}
+    return torch.tensor([mapping[label] for label in original]), mapping
+
+
+def main(argv=None) -> dict:
+    """Run the job; returns the summary written to ``<output_dir>/results.json``."""
+    return run(argv)[0]
+
+
+def run(argv=None):
+    """The whole job; returns ``(summary, trained PeftModel)`` (the model for callers such as tests)."""
+    model_args, data_args, train_args = parse_args(argv)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # makes `--multi_gpu` launches real gloo DDP jobs on CPU
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=train_args.report_to,
+        project_dir=train_args.output_dir,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    set_seed(train_args.seed)
+    output_dir = Path(train_args.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+
+    # ---- data
+    splits = load_retrieval_dataset(data_args.dataset, data_args.data_root, check_counts=data_args.check_counts)
+    train_labels, label_map = contiguous_labels(splits["train"])
+    splits = with_rgb_images(splits)  # decode with clear errors, always RGB
+    train_split = SeededRows(splits["train"], seed=train_args.seed)  # augmentation fixed by (seed, epoch, index)
+    processor = AutoImageProcessor.from_pretrained(model_args.backbone)
+    train_collate = make_collate_fn(train_transform(processor, data_args.image_size), label_map=label_map)
+    eval_collate = make_collate_fn(eval_transform(processor, data_args.image_size))
+    eval_splits = {k: v for k, v in splits.items() if k != "train"}
+    loader, sampler = build_train_dataloader(
+        train_split, train_labels, accelerator, m=data_args.m_per_class, batch_size=data_args.batch_size,
+        seed=train_args.seed, num_workers=data_args.num_workers, collate_fn=train_collate,
+    )
+
+    # ---- model, optimiser, schedule
+    model = build_model(model_args, num_classes=len(label_map))
+    if accelerator.is_main_process:
+        model.print_trainable_parameters()
+    optimizer = build_optimizer(
+        model, lr=train_args.learning_rate, proxy_lr=train_args.proxy_lr, weight_decay=train_args.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(loader) / train_args.gradient_accumulation_steps)
+    total_steps = train_args.max_steps or steps_per_epoch * train_args.num_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = build_scheduler(
+        optimizer, num_training_steps=total_steps, warmup_ratio=train_args.warmup_ratio,
+        num_processes=accelerator.num_processes,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if train_args.report_to:
+        accelerator.init_trackers("train_dml", config={**asdict(model_args), **asdict(data_args), **asdict(train_args)})
+
+    # ---- resume
+    step, history = 0, {"loss": [], "eval": []}
+    checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, checkpoints_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        step, history = state["step"], state["history"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+
+    # ---- train
+    logger.info("%d train images, %d classes, %d steps (%d per epoch)", len(train_split), len(label_map),
+                total_steps, steps_per_epoch)
+    progress = tqdm(total=total_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
+    start_time, metrics = time.time(), None
+    for epoch in range(step // steps_per_epoch, num_epochs):
+        model.train()
+        done_in_epoch = (step - epoch * steps_per_epoch) * train_args.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+        # accelerate re-applies its own epoch counter to the sampler and data set when iteration starts
+        # (it restarts at 0 in a resumed run), so set it as well as ours.
+        batches.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        train_split.set_epoch(epoch)
+        for micro_step, batch in enumerate(batches, start=done_in_epoch):
+            # Dropout & co. draw from a seed fixed by (seed, epoch, micro-step, process): resuming needs no
+            # RNG bookkeeping, and prefetching or iterator creation cannot shift the random stream.
+            torch.manual_seed(hash((train_args.seed, epoch, micro_step, accelerator.process_index)) % 2**62)
+            with accelerator.accumulate(model):
+                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                mean_loss = accelerator.gather(loss.detach()).mean()  # the same value on every process
+                check_finite(mean_loss, step + 1, checkpoint_dir=_latest(checkpoints_dir))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train_args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            history["loss"].append([step, mean_loss.item()])
+            progress.update(1)
+            progress.set_postfix(loss=f"{history['loss'][-1][1]:.4f}", epoch=epoch)
+            accelerator.log({"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            if train_args.checkpointing_steps and step % train_args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.keep_checkpoints)
+            if step >= total_steps:
+                break
+        last_epoch = step >= total_steps or epoch == num_epochs - 1
+        if last_epoch or (train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0):
+            metrics = evaluate_retrieval(
+                model, eval_splits, eval_collate, accelerator=accelerator,
+                batch_size=data_args.eval_batch_size, num_workers=data_args.num_workers,
+            )
+            history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
+            logger.info(format_metrics(metrics, prefix=f"epoch {epoch + 1} step {step}"))
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if step >= total_steps:
+            break
+    progress.close()
+
+    # ---- save (last-epoch numbers; nothing is selected on the test split)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    summary = {
+        "method": model_args.method,
+        "backbone": model_args.backbone,
+        "dataset": data_args.dataset,
+        "steps": step,
+        "train_seconds": round(time.time() - start_time, 1),
+        "final_metrics": metrics,
+        "parameters": unwrapped.base_model.get_parameter_counts(),
+        "history": history,
+    }
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        logger.info("adapter saved to %s", output_dir / "adapter")
+        if train_args.push_to_hub:
+            publish(unwrapped, model_args, data_args, train_args, summary, eval_splits, eval_collate)
+    accelerator.end_training()
+    return summary, unwrapped
+
+
+def _latest(checkpoints_dir: Path) -> Optional[Path]:
+    return resolve_checkpoint("latest", checkpoints_dir)
+
+
+def publish(model, model_args, data_args, train_args, summary, eval_splits, eval_collate) -> None:
+    from prompt_peft.hub import push_adapter_to_hub
+
+    if not train_args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id org/name")
+    push_adapter_to_hub(
+        model,
+        train_args.hub_model_id,
+        base_model_id=model_args.base_model_hub_id or model_args.backbone,
+        metrics=summary["final_metrics"],
+        dataset_name=data_args.dataset,
+        parameter_counts=summary["parameters"],
+        private=train_args.hub_private,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The evaluation loop: embed the held-out split(s) and compute the retrieval metrics."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..retrieval import evaluate_embeddings
+from ..retrieval.extract import embed_dataset
+
+
+def evaluate_retrieval(
+    model,
+    splits,
+    collate_fn: Callable,
+    *,
+    accelerator=None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    ks=(1, 2, 4, 8),
+) -> dict[str, float]:
+    """Recall@K, MAP@R and R-Precision of ``model`` on a ``DatasetDict``.
+
+    Uses ``query`` against ``gallery`` when both exist (In-Shop), else ``test`` searched against itself
+    (each query excluded by index). Every process embeds its share; every process gets the same metrics.
+    """
+    def embed(name: str):
+        return embed_dataset(
+            model, splits[name], collate_fn, batch_size=batch_size, num_workers=num_workers,
+            accelerator=accelerator, desc=f"Embedding {name}",
+        )
+
+    if "query" in splits and "gallery" in splits:
+        query, query_labels = embed("query")
+        gallery, gallery_labels = embed("gallery")
+        return evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=ks)
+    embeddings, labels = embed("test")
+    return evaluate_embeddings(embeddings, labels, ks=ks)
+
+
+def format_metrics(metrics: dict[str, float], prefix: Optional[str] = None) -> str:
+    """One readable line, e.g. ``epoch 3 | R@1 71.20 | R@2 80.05 | ... | MAP@R 31.4 | RP 40.2`` (percent)."""
+    names = {"map@r": "MAP@R", "r_precision": "RP"}
+    parts = [names.get(k, k.replace("recall@", "R@")) + f" {100 * v:.2f}" for k, v in metrics.items()]
+    return " | ".join(([prefix] if prefix else []) + parts)

@@ -1,0 +1,168 @@
+"""examples/train_dml.py end to end on a tiny backbone and a small image folder: a run, YAML + CLI config,
+kill and resume, 2-process DDP, NaN guard."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+from transformers import ViTImageProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_dml.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_dml", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_dml"] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny ViT with its image processor, and an image folder of 8 colour-coded classes x 6 images."""
+    root = tmp_path_factory.mktemp("train")
+    backbone = root / "backbone"
+    tiny_model("ViTModel").save_pretrained(backbone)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(backbone)
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        folder = root / "images" / f"class_{c}"
+        folder.mkdir(parents=True)
+        colour = rng.integers(0, 255, 3)
+        for i in range(6):
+            pixels = np.clip(colour + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def args(workspace, output_dir, *extra):
+    return [
+        "--backbone", str(workspace / "backbone"), "--dataset", "imagefolder", "--data_root",
+        str(workspace / "images"), "--output_dir", str(output_dir), "--check_counts", "false",
+        "--m_per_class", "2", "--batch_size", "4", "--eval_batch_size", "8", "--num_workers", "0",
+        "--embedding_dim", "16", "--method_kwargs", '{"num_prompts": 2}', "--learning_rate", "0.01",
+        "--seed", "3", *extra,
+    ]
+
+
+def adapter_weights(output_dir):
+    return load_file(Path(output_dir) / "adapter" / "adapter_model.safetensors")
+
+
+def run_script(argv, timeout=300, launcher=None, **popen):
+    command = (launcher or [sys.executable]) + [str(SCRIPT)] + argv
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_a_run_trains_evaluates_and_saves(workspace, tmp_path):
+    summary = load_script().main(args(workspace, tmp_path, "--num_epochs", "2", "--eval_every_epochs", "1"))
+    assert summary["steps"] > 0
+    assert [e["epoch"] for e in summary["history"]["eval"]] == [1, 2]
+    assert set(summary["final_metrics"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"}
+    assert summary["parameters"]["inference"] < summary["parameters"]["stored"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["final_metrics"] == summary["final_metrics"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "VPT" and config["num_prompts"] == 2 and config["num_classes"] == 4
+    first, last = summary["history"]["loss"][0][1], summary["history"]["loss"][-1][1]
+    assert last < first  # 4 well-separated colour classes: the loss must fall
+
+
+def test_yaml_config_with_cli_override(workspace, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_epochs: 5\nmax_steps: 2\nmethod_kwargs:\n  num_prompts: 3\n  deep: false\n")
+    summary = load_script().main(args(workspace, tmp_path / "out", "--config", str(config), "--max_steps", "1")
+                                 + ["--method_kwargs", '{"num_prompts": 3, "deep": false}'])
+    assert summary["steps"] == 1  # CLI beats YAML
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["num_prompts"] == 3 and saved["deep"] is False
+    config.write_text("not_an_option: 1\n")
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--config", str(config)])
+
+
+def test_killed_run_resumes_to_the_same_adapter(workspace, tmp_path):
+    common = ["--max_steps", "12", "--checkpointing_steps", "2", "--eval_every_epochs", "0"]
+    reference = run_script(args(workspace, tmp_path / "reference", *common))
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
+
+    interrupted = run_script(args(workspace, tmp_path / "interrupted", *common))
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints / "step_4" / "trainer_state.json").exists():  # mid-epoch (6 steps/epoch)
+        assert interrupted.poll() is None, "the run finished before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert not (tmp_path / "interrupted" / "adapter").exists()
+
+    resumed = run_script(args(workspace, tmp_path / "interrupted", *common, "--resume_from_checkpoint", "latest"))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    expected, got = adapter_weights(tmp_path / "reference"), adapter_weights(tmp_path / "interrupted")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_two_process_ddp_ends_with_identical_replicas(workspace, tmp_path):
+    wrapper = tmp_path / "ddp_run.py"
+    wrapper.write_text(textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        from accelerate import PartialState
+        spec = importlib.util.spec_from_file_location("train_dml", {str(SCRIPT)!r})
+        module = importlib.util.module_from_spec(spec); sys.modules["train_dml"] = module
+        spec.loader.exec_module(module)
+        summary, model = module.run(sys.argv[1:])
+        state = PartialState()
+        weights = {{n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
+        torch.save({{"world": state.num_processes, "weights": weights}}, {str(tmp_path)!r} + f"/rank{{state.process_index}}.pt")
+    """))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(wrapper)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launcher + args(workspace, tmp_path / "out", "--max_steps", "3", "--eval_every_epochs", "0"),
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
+    for key in ranks[0]["weights"]:
+        assert torch.equal(ranks[0]["weights"][key], ranks[1]["weights"][key]), key
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
+    import prompt_peft.tuners.prompted as prompted
+
+    calls = {"n": 0}
+    real_loss = prompted.proxy_anchor_loss
+
+    def loss_that_explodes(*a, **kw):
+        calls["n"] += 1
+        value = real_loss(*a, **kw)
+        return value * float("nan") if calls["n"] == 5 else value
+
+    monkeypatch.setattr(prompted, "proxy_anchor_loss", loss_that_explodes)
+    with pytest.raises(FloatingPointError, match=r"step 5.*step_4"):
+        load_script().main(args(workspace, tmp_path, "--max_steps", "8", "--checkpointing_steps", "2",
+                                "--eval_every_epochs", "0"))
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == ["step_2", "step_4"]
+    assert json.loads((tmp_path / "checkpoints" / "step_4" / "trainer_state.json").read_text())["step"] == 4
