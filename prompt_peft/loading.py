@@ -85,13 +85,13 @@ def _resolve(adapter, filename: str, revision: Optional[str], token: Optional[st
         ) from error
     except RevisionNotFoundError as error:
         raise OSError(f"Adapter repo {repo_id!r} has no revision {revision!r}.") from error
-    except EntryNotFoundError as error:
-        raise OSError(f"{repo_id!r} is not a PEFT adapter repo: it has no {filename}.") from error
-    except LocalEntryNotFoundError as error:
+    except LocalEntryNotFoundError as error:  # before its base class EntryNotFoundError
         raise OSError(
             f"{filename} of {repo_id!r} is not in the local Hub cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE=1 or no network). Download it once online, or pass a local folder."
         ) from error
+    except EntryNotFoundError as error:
+        raise OSError(f"{repo_id!r} is not a PEFT adapter repo: it has no {filename}.") from error
 
 
 def _load_config(config_file: Path, adapter):

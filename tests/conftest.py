@@ -51,3 +51,7 @@ def flowers_root(assets_dir, tmp_path_factory) -> Path:
             tar.extractall(target, filter="data")
         done.touch()
     return root
+
+
+# The loopback Hub fixture (`fake_hub`) for every test module.
+from hub_server import fake_hub  # noqa: E402,F401
