@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
+from prompt_peft.hub import RetrievalResult, push_adapter_to_hub
+from prompt_peft.visualize import retrieval_gallery, training_curve
 from prompt_peft.data import (
     SeededRows,
     eval_transform,
@@ -207,7 +209,7 @@ def run(argv=None):
     logger.info("%d train images, %d classes, %d steps (%d per epoch)", len(train_split), len(label_map),
                 total_steps, steps_per_epoch)
     progress = tqdm(total=total_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
-    start_time, metrics = time.time(), None
+    start_time, metrics, embedded = time.time(), None, None
     for epoch in range(step // steps_per_epoch, num_epochs):
         model.train()
         done_in_epoch = (step - epoch * steps_per_epoch) * train_args.gradient_accumulation_steps
@@ -244,9 +246,9 @@ def run(argv=None):
                 break
         last_epoch = step >= total_steps or epoch == num_epochs - 1
         if last_epoch or (train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0):
-            metrics = evaluate_retrieval(
+            metrics, embedded = evaluate_retrieval(
                 model, eval_splits, eval_collate, accelerator=accelerator,
-                batch_size=data_args.eval_batch_size, num_workers=data_args.num_workers,
+                batch_size=data_args.eval_batch_size, num_workers=data_args.num_workers, return_embeddings=True,
             )
             history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
             logger.info(format_metrics(metrics, prefix=f"epoch {epoch + 1} step {step}"))
@@ -271,9 +273,10 @@ def run(argv=None):
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        figures = save_figures(output_dir, history, eval_splits, embedded)
         logger.info("adapter saved to %s", output_dir / "adapter")
         if train_args.push_to_hub:
-            publish(unwrapped, model_args, data_args, train_args, summary, eval_splits, eval_collate)
+            publish(unwrapped, model_args, data_args, train_args, summary, figures)
     accelerator.end_training()
     return summary, unwrapped
 
@@ -282,20 +285,53 @@ def _latest(checkpoints_dir: Path) -> Optional[Path]:
     return resolve_checkpoint("latest", checkpoints_dir)
 
 
-def publish(model, model_args, data_args, train_args, summary, eval_splits, eval_collate) -> None:
-    from prompt_peft.hub import push_adapter_to_hub
+def save_figures(output_dir: Path, history: dict, eval_splits, embedded) -> dict[str, Path]:
+    """The training curve and, after an evaluation, a retrieval gallery of 5 queries (top-5 neighbours)."""
+    figures = {"Training curve": output_dir / "training_curve.png"}
+    evaluations = [(e["step"], e["recall@1"]) for e in history["eval"]]
+    training_curve(history["loss"], evaluations).save(figures["Training curve"])
+    if embedded and "test" in embedded:
+        embeddings, labels = embedded["test"]
+        queries = np.linspace(0, len(labels) - 1, num=min(5, len(labels)), dtype=int).tolist()
+        # Neighbours are read only from the images we draw: gather the ones the top-5 needs.
+        gallery = retrieval_gallery(_LazyImages(eval_splits["test"]), embeddings, labels, queries, k=5)
+        figures["Retrieval examples (query in blue; green: same class, red: other class)"] = (
+            output_dir / "retrieval_gallery.png"
+        )
+        gallery.save(output_dir / "retrieval_gallery.png")
+    return figures
 
+
+class _LazyImages:
+    """``images[i]`` decodes row i of a data set on demand (the gallery needs only ~30 of them)."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __getitem__(self, index):
+        return self.split[int(index)]["image"]
+
+
+def publish(model, model_args, data_args, train_args, summary, figures) -> None:
     if not train_args.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id org/name")
-    push_adapter_to_hub(
+    base_model_id = model_args.base_model_hub_id or model_args.backbone
+    results = []
+    if summary["final_metrics"]:
+        results = [RetrievalResult(data_args.dataset, summary["final_metrics"], dataset_split="test")]
+    info = push_adapter_to_hub(
         model,
         train_args.hub_model_id,
-        base_model_id=model_args.base_model_hub_id or model_args.backbone,
-        metrics=summary["final_metrics"],
-        dataset_name=data_args.dataset,
+        base_model_id=base_model_id,
+        results=results,
         parameter_counts=summary["parameters"],
+        images={title: path.name for title, path in figures.items()},
+        extra_files=list(figures.values()),
+        training={"steps": summary["steps"], "epochs (last-epoch numbers)": train_args.num_epochs,
+                  "learning rate": train_args.learning_rate, "seed": train_args.seed},
         private=train_args.hub_private,
     )
+    logger.info("pushed to %s (commit %s)", train_args.hub_model_id, info.oid)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, 
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == ["step_2", "step_4"]
     assert json.loads((tmp_path / "checkpoints" / "step_4" / "trainer_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_push_to_hub_with_card_pictures_and_download(workspace, tmp_path, fake_hub):
+    from huggingface_hub import ModelCard
+    from transformers import ViTModel
+
+    import prompt_peft
+
+    ViTModel.from_pretrained(workspace / "backbone").push_to_hub("org/tiny-vit")
+    summary = load_script().main(args(workspace, tmp_path, "--max_steps", "2", "--push_to_hub", "true",
+                                      "--hub_model_id", "org/tiny-vit-vpt", "--base_model_hub_id", "org/tiny-vit"))
+    files = set(fake_hub.files("org/tiny-vit-vpt"))
+    assert {"adapter_model.safetensors", "README.md", "training_curve.png", "retrieval_gallery.png"} <= files
+    assert Image.open(tmp_path / "retrieval_gallery.png").size[1] > 0
+
+    card = ModelCard.load("org/tiny-vit-vpt")
+    assert card.data.base_model == "org/tiny-vit"
+    r1 = next(r.metric_value for r in card.data.eval_results if r.metric_type == "recall@1")
+    assert r1 == pytest.approx(summary["final_metrics"]["recall@1"])
+    assert "retrieval_gallery.png" in card.text and "training_curve.png" in card.text
+    assert str(workspace) not in card.text
+
+    downloaded = prompt_peft.from_pretrained("org/tiny-vit-vpt")
+    local = prompt_peft.from_pretrained(tmp_path / "adapter", ViTModel.from_pretrained(workspace / "backbone"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(downloaded(pixel_values=x).embeddings, local(pixel_values=x).embeddings)

@@ -17,11 +17,13 @@ def evaluate_retrieval(
     batch_size: int = 64,
     num_workers: int = 0,
     ks=(1, 2, 4, 8),
-) -> dict[str, float]:
+    return_embeddings: bool = False,
+):
     """Recall@K, MAP@R and R-Precision of ``model`` on a ``DatasetDict``.
 
     Uses ``query`` against ``gallery`` when both exist (In-Shop), else ``test`` searched against itself
     (each query excluded by index). Every process embeds its share; every process gets the same metrics.
+    With ``return_embeddings`` also returns ``{split: (embeddings, labels)}`` (e.g. for a retrieval gallery).
     """
     def embed(name: str):
         return embed_dataset(
@@ -30,11 +32,12 @@ def evaluate_retrieval(
         )
 
     if "query" in splits and "gallery" in splits:
-        query, query_labels = embed("query")
-        gallery, gallery_labels = embed("gallery")
-        return evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=ks)
-    embeddings, labels = embed("test")
-    return evaluate_embeddings(embeddings, labels, ks=ks)
+        embedded = {"query": embed("query"), "gallery": embed("gallery")}
+        metrics = evaluate_embeddings(*embedded["query"], *embedded["gallery"], ks=ks)
+    else:
+        embedded = {"test": embed("test")}
+        metrics = evaluate_embeddings(*embedded["test"], ks=ks)
+    return (metrics, embedded) if return_embeddings else metrics
 
 
 def format_metrics(metrics: dict[str, float], prefix: Optional[str] = None) -> str:
