@@ -234,6 +234,7 @@ def render_model_card(
     datasets: Sequence[str] | None = None,
     tags: Sequence[str] = (),
     template_path: str | os.PathLike | None = None,
+    embedding_dim: int | None = None,
 ) -> ModelCard:
     """Render the adapter card of ``repo_id`` (the id used in the usage snippet).
 
@@ -250,6 +251,7 @@ def render_model_card(
         training: settings shown in a table (e.g. dataset, epochs, learning rate).
         license, datasets, tags: metadata; ``datasets`` defaults to the results' ``dataset_type`` values.
         template_path: a Jinja template to use instead of ``model_cards/adapter_card.md``.
+        embedding_dim: size of the embedding, shown in the usage snippet.
     """
     import jinja2
 
@@ -310,6 +312,7 @@ def render_model_card(
         images=_images(images),
         training=[(str(k), str(v)) for k, v in (training or {}).items()],
         versions=_versions(),
+        embedding_dim=embedding_dim,
     )
     return ModelCard(content)
 
@@ -438,6 +441,7 @@ def push_adapter_to_hub(
             config["base_model_name_or_path"] = base_model_id
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+        card_kwargs.setdefault("embedding_dim", getattr(peft_config, "embedding_dim", None))
         if card_kwargs.get("parameter_counts") is None:
             card_kwargs["parameter_counts"] = _default_parameter_counts(peft_model, folder)
         card = render_model_card(repo_id, method=method, base_model=base_model_id, **card_kwargs)
