@@ -194,3 +194,15 @@ def test_push_to_hub_with_card_pictures_and_download(workspace, tmp_path, fake_h
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(downloaded(pixel_values=x).embeddings, local(pixel_values=x).embeddings)
+
+
+def test_tensorboard_tracker_logs_loss_and_metrics(workspace, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    load_script().main(args(workspace, tmp_path, "--max_steps", "2", "--report_to", "tensorboard"))
+    event_files = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert event_files
+    events = EventAccumulator(str(event_files[0].parent)).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "eval/recall@1", "eval/map@r"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
