@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def as_embeddings(x, name: str = "embeddings") -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D (n, dim), got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+    if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
@@ -86,9 +87,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def _check_dims(query: torch.Tensor, reference: torch.Tensor) -> None:
     if query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"query and reference dimensions differ: {query.shape[1]} vs {reference.shape[1]}"
-        )
+        raise ValueError(f"query and reference dimensions differ: {query.shape[1]} vs {reference.shape[1]}")
 
 
 def _pick_backend(backend: str, query: torch.Tensor) -> str:
@@ -272,7 +271,7 @@ class EmbeddingIndex:
         return f"EmbeddingIndex(kind={self.kind!r}, size={len(self)}, dim={self.dim}, params={self.params})"
 
     @classmethod
-    def build(cls, embeddings, ids=None, labels=None, kind: str = "flat", **params) -> "EmbeddingIndex":
+    def build(cls, embeddings, ids=None, labels=None, kind: str = "flat", **params) -> EmbeddingIndex:
         """Index ``embeddings`` (``(n, d)``, normalised here).
 
         Args:
@@ -287,7 +286,9 @@ class EmbeddingIndex:
             raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
         unknown = set(params) - _PARAMS[kind]
         if unknown:
-            raise ValueError(f"unknown parameters for kind={kind!r}: {sorted(unknown)}; allowed: {sorted(_PARAMS[kind])}")
+            raise ValueError(
+                f"unknown parameters for kind={kind!r}: {sorted(unknown)}; allowed: {sorted(_PARAMS[kind])}"
+            )
         x = np.ascontiguousarray(l2_normalize(as_embeddings(embeddings)).cpu().numpy())
         n, d = x.shape
         ids = cls._check_ids(ids, n)
@@ -333,7 +334,9 @@ class EmbeddingIndex:
             return None
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         if labels.ndim != 1 or len(labels) != n:
-            raise ValueError(f"labels must be 1-D with one entry per embedding ({n}), got shape {labels.shape}")
+            raise ValueError(
+                f"labels must be 1-D with one entry per embedding ({n}), got shape {labels.shape}"
+            )
         if labels.dtype.kind not in "iu":
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         return labels.astype(np.int64)
@@ -397,7 +400,7 @@ class EmbeddingIndex:
         return directory
 
     @classmethod
-    def load(cls, directory) -> "EmbeddingIndex":
+    def load(cls, directory) -> EmbeddingIndex:
         """Read an index written by :meth:`save`. Raises ``FileNotFoundError`` or ``ValueError`` (corrupt)."""
         faiss = _require_faiss()
         directory = Path(directory)
@@ -409,7 +412,11 @@ class EmbeddingIndex:
             kind, params, dim, size = meta["kind"], meta["params"], meta["dim"], meta["size"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"corrupt metadata in {directory / _META_FILE}: {err}") from None
-        if meta.get("format_version") != _FORMAT_VERSION or kind not in INDEX_KINDS:
+        if (
+            meta.get("format_version") != _FORMAT_VERSION
+            or kind not in INDEX_KINDS
+            or not isinstance(params, dict)
+        ):
             raise ValueError(f"unsupported index metadata in {directory / _META_FILE}: {meta}")
         try:
             index = faiss.read_index(str(directory / _INDEX_FILE))
@@ -419,9 +426,14 @@ class EmbeddingIndex:
             with np.load(directory / _ARRAYS_FILE, allow_pickle=False) as arrays:
                 ids = arrays["ids"]
                 labels = arrays["labels"] if "labels" in arrays.files else None
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"cannot read {directory / _ARRAYS_FILE}: {err}") from None
-        if index.d != dim or index.ntotal != size or len(ids) != size or (labels is not None and len(labels) != size):
+        if (
+            index.d != dim
+            or index.ntotal != size
+            or len(ids) != size
+            or (labels is not None and len(labels) != size)
+        ):
             raise ValueError(
                 f"inconsistent index folder {directory}: metadata says {size} x {dim}, faiss index holds "
                 f"{index.ntotal} x {index.d}, {len(ids)} ids"

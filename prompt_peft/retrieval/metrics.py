@@ -63,9 +63,10 @@ def _encode_labels(query_labels: np.ndarray, reference_labels: np.ndarray):
 
 
 def _chunk_scores(neighbour_labels, labels, relevant, ks):
-    """Per-query hits for each K, R-Precision and AP@R for one chunk of (non-lone) queries.
+    """Per-query hits for each K, R-Precision and AP@R for one chunk of queries.
 
     ``neighbour_labels`` is ``(c, k)`` in rank order, ``labels`` and ``relevant`` (R) are ``(c,)``.
+    Lone queries (R = 0) get NaN scores; the caller leaves them out.
     """
     match = neighbour_labels == labels.unsqueeze(1)
     hits = {k: match[:, :k].any(dim=1) for k in ks}
@@ -91,6 +92,9 @@ def evaluate_embeddings(
 ) -> dict[str, float]:
     """Recall@K, MAP@R and R-Precision of a retrieval embedding, identical to pytorch-metric-learning.
 
+    Queries without any relevant reference ("lone") are left out of every metric, as PML does, and
+    tied similarities rank by ascending reference index (module docstring has the details).
+
     Args:
         query: ``(n, d)`` query embeddings (numpy array or torch tensor; CUDA tensors are evaluated
             on the GPU by the torch backend).
@@ -99,7 +103,8 @@ def evaluate_embeddings(
             searched against itself, each query excluded by index).
         reference_labels: ``(m,)`` gallery labels; required when ``reference`` is given.
         ks: the K values for Recall@K.
-        backend: exact-search backend, ``"auto"``, ``"faiss"`` or ``"torch"`` (same numbers).
+        backend: exact-search backend, ``"auto"``, ``"faiss"`` or ``"torch"``. Both give the same
+            numbers unless two similarities differ only by float rounding (their BLAS sums differ).
         chunk_size: queries per search chunk (default: ~256 MiB of similarities per chunk).
 
     Returns:
@@ -149,21 +154,21 @@ def evaluate_embeddings(
     r_codes_t = torch.from_numpy(r_codes).to(device)
     relevant_t = torch.from_numpy(relevant).to(device)
     not_lone_t = torch.from_numpy(not_lone).to(device)
-    hits = dict.fromkeys(ks, 0)
-    sum_rp = sum_ap = 0.0
+    # Per-query scores are kept (n floats each) and averaged once at the end, so the result does not
+    # depend on the chunk size or backend, not even in the last bit.
+    n = len(q)
+    hits = {kk: torch.zeros(n, dtype=torch.bool, device=device) for kk in ks}
+    r_precision = torch.zeros(n, dtype=torch.float64, device=device)
+    average_precision = torch.zeros(n, dtype=torch.float64, device=device)
     for start, _, indices in _knn_chunks(q, r, k, exclude_self=self_mode, backend=backend, chunk_size=chunk):
         rows = slice(start, start + len(indices))
-        keep = not_lone_t[rows]
-        chunk_hits, rp, ap = _chunk_scores(
-            r_codes_t[indices[keep]], q_codes_t[rows][keep], relevant_t[rows][keep], ks
+        chunk_hits, r_precision[rows], average_precision[rows] = _chunk_scores(
+            r_codes_t[indices], q_codes_t[rows], relevant_t[rows], ks
         )
         for kk in ks:
-            hits[kk] += int(chunk_hits[kk].sum())
-        sum_rp += float(rp.sum())
-        sum_ap += float(ap.sum())
+            hits[kk][rows] = chunk_hits[kk]
 
-    n = int(not_lone.sum())
-    out = {f"recall@{kk}": hits[kk] / n for kk in ks}
-    out["map@r"] = sum_ap / n
-    out["r_precision"] = sum_rp / n
+    out = {f"recall@{kk}": hits[kk][not_lone_t].double().mean().item() for kk in ks}
+    out["map@r"] = average_precision[not_lone_t].mean().item()
+    out["r_precision"] = r_precision[not_lone_t].mean().item()
     return out
