@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 import yaml
+from torch.utils.data import DataLoader
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import get_peft_model
@@ -181,6 +182,14 @@ def run(argv=None):
 
     # ---- model, optimiser, schedule
     model = build_model(model_args, num_classes=len(label_map))
+    if hasattr(model.base_model, "fit_hierarchy"):
+        # SHIP: semantic levels and attribute prototypes from the frozen backbone, before the prompts exist in
+        # the optimiser. Every process reads the same unsharded, unshuffled train split: identical levels.
+        fit_loader = DataLoader(splits["train"], batch_size=data_args.eval_batch_size, collate_fn=eval_collate,
+                                num_workers=data_args.num_workers)
+        hierarchy = model.base_model.fit_hierarchy(fit_loader)
+        logger.info("semantic levels %s", model.peft_config["default"].levels)
+        del hierarchy
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     optimizer = build_optimizer(

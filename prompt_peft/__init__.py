@@ -11,13 +11,24 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 from .backbones import SUPPORTED_MODELS, BackboneSpec
 from .loading import from_pretrained
 from .registry import register_method
+from .tuners.ship import SHIPConfig, SHIPModel
 from .tuners.vpt import VPTConfig, VPTModel
 
 __version__ = "0.1.0"
 
 # method name -> (config, tuner); registration makes them real peft methods (PeftType.VPT, ...)
-METHODS = {"vpt": (VPTConfig, VPTModel)}
+METHODS = {"vpt": (VPTConfig, VPTModel), "ship": (SHIPConfig, SHIPModel)}
 for _name, (_config_cls, _model_cls) in METHODS.items():
     register_method(_name, _config_cls, _model_cls)
 
-__all__ = ["BackboneSpec", "METHODS", "SUPPORTED_MODELS", "VPTConfig", "VPTModel", "from_pretrained", "__version__"]
+__all__ = [
+    "BackboneSpec",
+    "METHODS",
+    "SHIPConfig",
+    "SHIPModel",
+    "SUPPORTED_MODELS",
+    "VPTConfig",
+    "VPTModel",
+    "from_pretrained",
+    "__version__",
+]

@@ -206,3 +206,14 @@ def test_tensorboard_tracker_logs_loss_and_metrics(workspace, tmp_path):
     tags = events.Tags()["scalars"]
     assert {"train/loss", "train/lr", "eval/recall@1", "eval/map@r"} <= set(tags)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_ship_run_fits_the_hierarchy_first(workspace, tmp_path):
+    summary = load_script().main(args(workspace, tmp_path, "--method", "ship", "--max_steps", "2",
+                                      "--method_kwargs", '{"level_prompt_tokens": 2, "share_threshold": 0.999, '
+                                      '"num_prototypes": 4, "attribute_prompt_tokens": 2, "matching_topk": 2}'))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SHIP" and config["levels"] and config["levels"][0] == 0
+    weights = adapter_weights(tmp_path)
+    assert any("prototype" in key for key in weights)
+    assert summary["steps"] == 2

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.config import PeftConfig
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -139,23 +140,41 @@ class PromptedBlock(nn.Module, PromptedLayer):
 
     Fresh prompts come from ``<prefix>prompt[adapter]`` (``(n, d)``), optionally through the method's shared
     projection, then prompt dropout; subclasses may override :meth:`make_prompts`.
-    Subclasses set ``prefix`` (e.g. ``"vpt_"``); the adapter containers are named after it.
+    Subclasses set ``prefix`` (e.g. ``"vpt_"``); the adapter containers are named after it. A method with more
+    per-adapter state lists it in ``extra_adapter_layers`` (trainable ``ParameterDict`` containers),
+    ``extra_buffers`` (peft ``BufferDict`` containers: saved with the adapter, never trainable) and
+    ``extra_other_param_names`` (plain per-adapter dicts); all are named ``<prefix><name>`` except the last.
     """
+
+    extra_adapter_layers: tuple[str, ...] = ()
+    extra_buffers: tuple[str, ...] = ()
+    extra_other_param_names: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.adapter_layer_names = (cls.prefix + "prompt", cls.prefix + "prompt_proj")
-        cls.other_param_names = ("prompt_step", "prompt_dropout", "shared_projection")
+        extra_layers = tuple(cls.prefix + name for name in cls.extra_adapter_layers)
+        # Buffers are not adapter layers: set_adapter() would flip requires_grad on them.
+        extra_buffers = tuple(cls.prefix + name for name in cls.extra_buffers)
+        cls.adapter_layer_names = (cls.prefix + "prompt", cls.prefix + "prompt_proj") + extra_layers
+        cls.other_param_names = ("prompt_step", "prompt_dropout", "shared_projection") + extra_buffers
+        cls.other_param_names += tuple(cls.extra_other_param_names)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, index: int, spec: BackboneSpec):
         super().__init__()
         self._init_wrapper(base_layer)
         self.index = index
+        self.spec = spec
         self.num_layers = spec.num_layers
         self.hidden_size = spec.hidden_size
         self.patch_dim = spec.num_channels * spec.patch_size**2  # VPT's fan-in for the prompt init
         self.add_module(self.prefix + "prompt", nn.ParameterDict())
         self.add_module(self.prefix + "prompt_proj", nn.ModuleDict())  # owned by the first prompted layer
+        for name in self.extra_adapter_layers:
+            self.add_module(self.prefix + name, nn.ParameterDict())
+        for name in self.extra_buffers:
+            self.add_module(self.prefix + name, BufferDict(persistent=True))
+        for name in self.extra_other_param_names:
+            setattr(self, name, {})
         self.prompt_step: dict[str, PromptStep] = {}
         self.prompt_dropout: dict[str, float] = {}
         self.shared_projection: dict[str, nn.Module] = {}  # plain dict: a reference, not a second owner
@@ -201,6 +220,11 @@ class PromptedBlock(nn.Module, PromptedLayer):
         _refuse_attention_mask(args, kwargs)
         out = self.base_layer(hidden_states, *args, **kwargs)
         return out[:, : -step.strip] if step.strip else out
+
+    def take_auxiliary_loss(self) -> Optional[torch.Tensor]:
+        """A loss term this block computed in the last forward (e.g. SHIP's prompt matching loss), handed over
+        once; the tuner's output hook adds it to the retrieval loss. None for methods without one."""
+        return None
 
 
 def _refuse_attention_mask(args: tuple, kwargs: dict) -> None:
@@ -300,6 +324,7 @@ class EmbeddingHead(nn.Module, PromptedLayer):
 # ---------------------------------------------------------------------------------------------------- hooks
 
 _HEAD_PATH_ATTR = "_prompt_peft_head_path"
+_BLOCKS_PATH_ATTR = "_prompt_peft_blocks_path"
 _HOOKS_ATTR = "_prompt_peft_hooks"
 
 
@@ -329,21 +354,45 @@ def _take_labels(model: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
+def _take_auxiliary_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """Sum of the loss terms the prompted blocks computed in this forward (None if none did)."""
+    path = getattr(model, _BLOCKS_PATH_ATTR, None)
+    if path is None:
+        return None
+    total = None
+    for block in model.get_submodule(path):
+        loss = block.take_auxiliary_loss() if isinstance(block, PromptedBlock) else None
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return total
+
+
 def _attach_outputs(model: nn.Module, args: tuple, kwargs: dict, output: Any):
-    """Forward hook: add ``embeddings`` (and ``loss`` when labels were given) to the backbone's output."""
+    """Forward hook: add ``embeddings`` (and ``loss`` when labels were given) to the backbone's output.
+
+    Auxiliary loss terms of the blocks (e.g. SHIP's matching loss) are added to that loss, or to the backbone's
+    own loss when it computed one, and reported as ``auxiliary_loss``.
+    """
     head = _find_head(model)
     if head is None:
         return None
+    auxiliary = _take_auxiliary_loss(model)  # always taken, so no graph outlives its forward
     embeddings = head.take_embeddings()
     labels, head._labels = head._labels, None
     if embeddings is None:
         return None
     loss = head.loss(head.running_adapter(), embeddings, labels.to(embeddings.device)) if labels is not None else None
+    if loss is not None and auxiliary is not None:
+        loss = loss + auxiliary
     if isinstance(output, tuple):  # return_dict=False
         return output + ((embeddings,) if loss is None else (embeddings, loss))
     output["embeddings"] = embeddings
     if loss is not None:
         output["loss"] = loss
+    elif auxiliary is not None and output.get("loss") is not None:  # e.g. ViTForImageClassification's own loss
+        output["loss"] = output["loss"] + auxiliary
+    if auxiliary is not None:
+        output["auxiliary_loss"] = auxiliary
     return output
 
 
@@ -405,9 +454,14 @@ class PromptedTuner(BaseTuner):
         # Whole blocks have no `.weight` to rebind (peft's default assumes Linear-like children).
         setattr(parent, child_name, new_module)
 
-    def _post_injection_hook(self, model: nn.Module, config: PromptedConfig, adapter_name: str) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # Here rather than in _post_injection_hook, which PeftModel.add_adapter / load_adapter never call.
         self._link_shared_modules(adapter_name)
+
+    def _post_injection_hook(self, model: nn.Module, config: PromptedConfig, adapter_name: str) -> None:
         setattr(model, _HEAD_PATH_ATTR, self.spec.pool_module)
+        setattr(model, _BLOCKS_PATH_ATTR, self.spec.block_list)
         if getattr(model, _HOOKS_ATTR, None) is None:  # one pair per backbone, however many adapters
             handles = (
                 model.register_forward_pre_hook(_take_labels, with_kwargs=True),
@@ -416,7 +470,8 @@ class PromptedTuner(BaseTuner):
             setattr(model, _HOOKS_ATTR, handles)
 
     def _link_shared_modules(self, adapter_name: str) -> None:
-        """Hook for methods whose blocks share one module (e.g. VPT's prompt projection)."""
+        """Hook for methods whose blocks share one module (e.g. VPT's prompt projection); runs after every
+        injection of an adapter, the first one and those added later."""
 
     # -- peft behaviour -----------------------------------------------------------------------------------
 
@@ -434,7 +489,7 @@ class PromptedTuner(BaseTuner):
         )
         for handle in getattr(model, _HOOKS_ATTR, None) or ():
             handle.remove()
-        for attr in (_HOOKS_ATTR, _HEAD_PATH_ATTR):
+        for attr in (_HOOKS_ATTR, _HEAD_PATH_ATTR, _BLOCKS_PATH_ATTR):
             if attr in model.__dict__:
                 delattr(model, attr)
         return model
