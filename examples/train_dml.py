@@ -37,7 +37,7 @@ from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
 from prompt_peft.hub import RetrievalResult, push_adapter_to_hub
-from prompt_peft.visualize import retrieval_gallery, training_curve
+from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
     SeededRows,
     eval_transform,
@@ -283,6 +283,8 @@ def run(argv=None):
         unwrapped.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         figures = save_figures(output_dir, history, eval_splits, embedded)
+        if hasattr(unwrapped.base_model, "resample_images"):  # a pixel-space prompt (FRPT): show what it zooms into
+            figures.update(save_resampled(output_dir, unwrapped, eval_splits, eval_collate, processor))
         logger.info("adapter saved to %s", output_dir / "adapter")
         if train_args.push_to_hub:
             publish(unwrapped, model_args, data_args, train_args, summary, figures)
@@ -309,6 +311,24 @@ def save_figures(output_dir: Path, history: dict, eval_splits, embedded) -> dict
         )
         gallery.save(output_dir / "retrieval_gallery.png")
     return figures
+
+
+def save_resampled(output_dir: Path, model, eval_splits, collate, processor, count: int = 8) -> dict[str, Path]:
+    """A PNG of ``count`` evaluation images (top row) and the re-sampled images the backbone saw (bottom row)."""
+    split = eval_splits.get("test") or next(iter(eval_splits.values()), None)
+    if split is None or len(split) == 0:
+        return {}
+    rows = np.linspace(0, len(split) - 1, num=min(count, len(split)), dtype=int).tolist()
+    pixels = collate([split[i] for i in rows])["pixel_values"]
+    was_training = model.training
+    model.eval()
+    resampled = model.base_model.resample_images(pixels)
+    model.train(was_training)
+    mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    std = getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)
+    path = output_dir / "resampled_images.png"
+    resampled_grid(pixels, resampled.cpu(), mean, std).save(path)
+    return {"What the prompt zooms into (top: input, bottom: re-sampled)": path}
 
 
 class _LazyImages:

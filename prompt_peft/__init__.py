@@ -11,18 +11,21 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 from .backbones import SUPPORTED_MODELS, BackboneSpec
 from .loading import from_pretrained
 from .registry import register_method
+from .tuners.frpt import FRPTConfig, FRPTModel
 from .tuners.ship import SHIPConfig, SHIPModel
 from .tuners.vpt import VPTConfig, VPTModel
 
 __version__ = "0.1.0"
 
 # method name -> (config, tuner); registration makes them real peft methods (PeftType.VPT, ...)
-METHODS = {"vpt": (VPTConfig, VPTModel), "ship": (SHIPConfig, SHIPModel)}
+METHODS = {"vpt": (VPTConfig, VPTModel), "ship": (SHIPConfig, SHIPModel), "frpt": (FRPTConfig, FRPTModel)}
 for _name, (_config_cls, _model_cls) in METHODS.items():
     register_method(_name, _config_cls, _model_cls)
 
 __all__ = [
     "BackboneSpec",
+    "FRPTConfig",
+    "FRPTModel",
     "METHODS",
     "SHIPConfig",
     "SHIPModel",

@@ -82,3 +82,32 @@ def training_curve(
     if evaluations:
         draw.text((right - 70, top + 4), "R@1 (%)", fill=CORRECT)
     return canvas
+
+
+def resampled_grid(
+    original: torch.Tensor,
+    resampled: torch.Tensor,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    thumb: int = 96,
+    border: int = 4,
+) -> Image.Image:
+    """Two rows for a pixel-space prompt such as FRPT's: the input images (top) and what the prompt re-sampled them
+    to (bottom), one column per image. Both are ``(B, C, H, W)`` tensors normalised with ``mean`` / ``std``
+    (the image processor's), which are undone for display."""
+    if original.shape != resampled.shape:
+        raise ValueError(f"original {tuple(original.shape)} and resampled {tuple(resampled.shape)} differ in shape")
+    cell = thumb + border
+    canvas = Image.new("RGB", (len(original) * cell + border, 2 * cell + border), "white")
+    for row, batch in enumerate((original, resampled)):
+        for col, image in enumerate(_to_images(batch, mean, std)):
+            canvas.paste(image.resize((thumb, thumb), Image.Resampling.BICUBIC), (border + col * cell, border + row * cell))
+    return canvas
+
+
+def _to_images(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> list[Image.Image]:
+    batch = batch.detach().float().cpu()
+    scale = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    pixels = ((batch * scale + shift).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).numpy()).convert("RGB") for p in pixels]

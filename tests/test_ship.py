@@ -12,11 +12,9 @@ from transformers import Dinov2Model, ViTConfig, ViTModel
 
 import prompt_peft
 from prompt_peft.hub import push_adapter_to_hub
-from prompt_peft.registry import register_method
 from prompt_peft.tuners.ship import SHIPConfig, SHIPModel
 from prompt_peft.tuners.ship.hierarchy import SemanticHierarchy
 
-register_method("ship", SHIPConfig, SHIPModel)  # until prompt_peft.METHODS lists SHIP
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub
 BASE_ID, ADAPTER_ID = "org/tiny-dinov2", "org/tiny-dinov2-ship"
 D, L = SIZES["hidden_size"], SIZES["num_hidden_layers"]

@@ -5,7 +5,6 @@ import torch
 from peft import get_peft_model
 from tiny_models import pixels, tiny_model
 
-from prompt_peft.registry import register_method
 from prompt_peft.tuners.ship import SHIPConfig, SHIPModel
 from prompt_peft.tuners.ship.hierarchy import (
     collect_statistics,
@@ -15,7 +14,6 @@ from prompt_peft.tuners.ship.hierarchy import (
     semantic_levels,
 )
 
-register_method("ship", SHIPConfig, SHIPModel)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -217,3 +217,15 @@ def test_ship_run_fits_the_hierarchy_first(workspace, tmp_path):
     weights = adapter_weights(tmp_path)
     assert any("prototype" in key for key in weights)
     assert summary["steps"] == 2
+
+
+def test_frpt_run_saves_the_resampled_images(workspace, tmp_path):
+    summary = load_script().main(args(workspace, tmp_path, "--method", "frpt", "--max_steps", "2",
+                                      "--method_kwargs", '{"cah_reduction": 4}'))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "FRPT" and config["cah_reduction"] == 4 and config["num_classes"] == 4
+    assert summary["steps"] == 2 and summary["parameters"]["inference"] < summary["parameters"]["stored"]
+    picture = Image.open(tmp_path / "resampled_images.png")
+    assert picture.size[1] == 2 * (96 + 4) + 4  # input row and re-sampled row
+    pixels = np.asarray(picture)
+    assert pixels[4:100].std() > 0 and pixels[104:200].std() > 0  # both rows hold images

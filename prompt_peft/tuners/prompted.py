@@ -105,6 +105,9 @@ class PromptedLayer(BaseTunerLayer):
     """Common base of the wrappers of one method (peft's ``tuner_layer_cls`` is used for isinstance checks)."""
 
     prefix = "prompted_"
+    # Adapter containers (by name suffix) used only to train, not to compute an embedding: counted as
+    # stored but not as inference parameters by PromptedTuner.get_parameter_counts().
+    training_only_suffixes: tuple[str, ...] = ("proxies",)
 
     def _init_wrapper(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -243,12 +246,19 @@ class EmbeddingHead(nn.Module, PromptedLayer):
     ``embedding = normalize(Linear(LayerNorm(pooled)))``, computed in float32 whatever the backbone dtype.
     Also owns the Proxy-Anchor proxies (``num_classes × embedding_dim``) when ``num_classes`` is set.
     The result is handed to the tuner's forward hook through :meth:`take_embeddings`.
+    A method whose head has more per-adapter state lists it in ``extra_adapter_layers`` (trainable ``ModuleDict``
+    containers named ``<prefix><name>``, created empty before :meth:`update_layer` runs) and
+    ``extra_other_param_names`` (plain per-adapter dicts).
     """
+
+    extra_adapter_layers: tuple[str, ...] = ()
+    extra_other_param_names: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.adapter_layer_names = (cls.prefix + "head_norm", cls.prefix + "head_proj", cls.prefix + "proxies")
-        cls.other_param_names = ("head_config",)
+        cls.adapter_layer_names += tuple(cls.prefix + name for name in cls.extra_adapter_layers)
+        cls.other_param_names = ("head_config",) + tuple(cls.extra_other_param_names)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, spec: BackboneSpec):
         super().__init__()
@@ -258,6 +268,10 @@ class EmbeddingHead(nn.Module, PromptedLayer):
         self.add_module(self.prefix + "head_norm", nn.ModuleDict())
         self.add_module(self.prefix + "head_proj", nn.ModuleDict())
         self.add_module(self.prefix + "proxies", nn.ParameterDict())
+        for name in self.extra_adapter_layers:
+            self.add_module(self.prefix + name, nn.ModuleDict())
+        for name in self.extra_other_param_names:
+            setattr(self, name, {})
         self.head_config: dict[str, PromptedConfig] = {}
         self._embeddings: Optional[torch.Tensor] = None
         self._labels: Optional[torch.Tensor] = None
@@ -509,7 +523,8 @@ class PromptedTuner(BaseTuner):
     def get_parameter_counts(self, adapter_name: Optional[str] = None) -> dict[str, int]:
         """Parameters of one adapter: ``trainable`` now, ``stored`` in its file, needed at ``inference``.
 
-        Proxies are stored (training resumes from them) but never used to compute an embedding.
+        Proxies (and a layer's other ``training_only_suffixes`` containers, e.g. a classifier) are stored (training
+        resumes from them) but never used to compute an embedding.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         trainable = stored = inference = 0
@@ -526,6 +541,6 @@ class PromptedTuner(BaseTuner):
                 count = sum(p.numel() for p in params)
                 stored += count
                 trainable += sum(p.numel() for p in params if p.requires_grad)
-                if not attr.endswith("proxies"):
+                if not attr.endswith(module.training_only_suffixes):
                     inference += count
         return {"trainable": trainable, "stored": stored, "inference": inference}

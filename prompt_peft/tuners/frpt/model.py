@@ -1,0 +1,356 @@
+"""The FRPT tuner: a pixel-space prompt layer on the backbone's ``embeddings`` and a CAH embedding head.
+
+FRPT adds no tokens, so unlike VPT and SHIP it wraps no encoder block. It wraps two modules:
+
+* the module that takes ``pixel_values`` (``embeddings``) in :class:`PixelPrompt`, which re-samples the pixels
+  (DPP) before handing them to the unchanged embeddings: everything after it runs as usual on the new image;
+* the module whose output holds the final, normalised patch tokens in :class:`FRPTHead` (an ``EmbeddingHead``
+  whose pooled vector is the CAH feature): the final LayerNorm for ViT / DeiT / DINOv2 (+registers), SigLIP's
+  ``post_layernorm`` (its input to the pooling head), and CLIP's last encoder block, whose tokens the head passes
+  through CLIP's own ``post_layernorm`` (CLIP applies it to [CLS] only).
+
+Both are peft ``BaseTunerLayer`` s, so ``disable_adapter()`` runs the bare backbone exactly and ``unload()``
+restores its module tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ...backbones import SUPPORTED_MODELS, BackboneSpec
+from ..prompted import _HEAD_PATH_ATTR, EmbeddingHead, PromptedLayer, PromptedTuner
+from .config import REFERENCE_IMAGE_SIZE, FRPTConfig
+from .head import ChannelAttentionHead
+from .sampler import gaussian_kernel, resample, sampling_grid
+
+
+@dataclass(frozen=True)
+class FRPTLayout:
+    """Where FRPT attaches in one backbone (module paths from the model's root)."""
+
+    embeddings: str  # takes pixel_values
+    head: str  # its output holds the final patch tokens
+    pre_norm: Optional[str] = None  # between embeddings and block 0 (CLIP's pre_layrnorm)
+    final_norm: Optional[str] = None  # applied by the head to the head module's output (CLIP's post_layernorm)
+
+    @classmethod
+    def from_spec(cls, spec: BackboneSpec) -> "FRPTLayout":
+        base = SUPPORTED_MODELS[spec.model_class][1]
+
+        def path(rel: str) -> str:
+            return f"{base}.{rel}" if base else rel
+
+        if spec.family == "clip":
+            last_block = f"{spec.block_list}.{spec.num_layers - 1}"
+            return cls(path("embeddings"), last_block, pre_norm=path("pre_layrnorm"), final_norm=path("post_layernorm"))
+        if spec.family == "siglip":  # the pooling head sees the normalised tokens; read them before it
+            return cls(path("embeddings"), path("post_layernorm"))
+        return cls(path("embeddings"), spec.pool_module)  # the final LayerNorm over the whole sequence
+
+
+class FRPTLayer(PromptedLayer):
+    prefix = "frpt_"
+
+
+# ---------------------------------------------------------------------------------------------------- DPP
+
+
+class ContentParser(nn.Module):
+    """Saliency logits ``(B, h, w)`` from the early token map ``(B, D, h, w)``.
+
+    ``spatial`` (paper): one ``σ × σ`` kernel over all channels, "same" padding, no bias (a constant shift cancels
+    in the spatial softmax): ``σ²·D`` parameters. ``pointwise`` (code): ReLU, then a 1×1 conv with bias.
+    """
+
+    def __init__(self, dim: int, kind: str, kernel: int, init: str, device=None):
+        super().__init__()
+        self.rectify = kind == "pointwise"
+        if self.rectify:
+            self.conv = nn.Conv2d(dim, 1, 1, device=device)
+        else:
+            self.conv = nn.Conv2d(dim, 1, kernel, padding=kernel // 2, bias=False, device=device)
+        if init == "zeros":  # uniform saliency: the identity re-sampling, so training starts from the frozen view
+            nn.init.zeros_(self.conv.weight)
+            if self.conv.bias is not None:
+                nn.init.zeros_(self.conv.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.rectify:
+            features = torch.relu(features)
+        return self.conv(features.to(self.conv.weight.dtype))[:, 0]
+
+
+class PixelPrompt(nn.Module, FRPTLayer):
+    """DPP around the backbone's ``embeddings``: re-samples ``pixel_values`` by a learned saliency, then embeds.
+
+    The early pass runs the *unwrapped* embeddings and the first ``parser_block`` encoder blocks (their base layers,
+    with no prompts; nothing beyond them) on the original pixels, drops the prefix tokens and reads the patches as a
+    ``(D, h, w)`` map. It keeps no graph unless something in it is trainable: gradients reach the parser through
+    ``grid_sample``, not through the frozen early pass.
+    """
+
+    adapter_layer_names = ("frpt_parser", "frpt_gaussian")
+    other_param_names = ("frpt_gaussian_fixed", "dpp_config")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: FRPTConfig,
+        spec: BackboneSpec,
+        blocks: nn.ModuleList,
+        pre_norm: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self._init_wrapper(base_layer)
+        self.spec = spec
+        self.frpt_parser = nn.ModuleDict()
+        self.frpt_gaussian = nn.ParameterDict()  # only with train_gaussian
+        self.frpt_gaussian_fixed = BufferDict(persistent=False)  # rebuilt from the config, not saved
+        self.dpp_config: dict[str, FRPTConfig] = {}
+        self._backbone = {"blocks": blocks, "pre_norm": pre_norm}  # plain dict: references, not submodules
+        self.update_layer(adapter_name, config)
+
+    def __getattr__(self, name: str):
+        # The backbone reads attributes of its embeddings (e.g. ViT: patch_embeddings' dtype): forward them.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def update_layer(self, adapter_name: str, config: FRPTConfig) -> None:
+        device = self._base_device()
+        self.dpp_config[adapter_name] = config
+        self.frpt_parser[adapter_name] = ContentParser(
+            self.spec.hidden_size, config.parser, config.parser_kernel, config.parser_init, device=device
+        )
+        kernel = gaussian_kernel(config.grid_size, config.resolved_gaussian_fwhm).to(device)
+        for container in (self.frpt_gaussian, self.frpt_gaussian_fixed):
+            if adapter_name in container:  # re-created below, trainable or not
+                del container[adapter_name]
+        if config.train_gaussian:
+            self.frpt_gaussian[adapter_name] = nn.Parameter(kernel)
+        else:
+            self.frpt_gaussian_fixed[adapter_name] = kernel
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = self._running_adapter(self.dpp_config)
+        if adapter is not None:
+            pixel_values = self.resample(adapter, pixel_values, *args, **kwargs)
+        return self.base_layer(pixel_values, *args, **kwargs)
+
+    # -- the prompt ----------------------------------------------------------------------------------------
+
+    def resample(self, adapter: str, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The re-sampled images ``(B, C, H, W)`` the backbone sees under this adapter."""
+        saliency = self.saliency(adapter, pixel_values, *args, **kwargs)
+        grid = sampling_grid(saliency, self._kernel(adapter), tuple(pixel_values.shape[-2:]))
+        return resample(pixel_values, grid)
+
+    def saliency(self, adapter: str, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The spatial-softmax saliency ``(B, g, g)`` (sums to 1 per image) on the sampling grid."""
+        config = self.dpp_config[adapter]
+        logits = self.frpt_parser[adapter](self.early_features(config.parser_block, pixel_values, *args, **kwargs))
+        g = config.grid_size
+        logits = F.interpolate(logits[:, None].float(), size=(g, g), mode="bilinear", align_corners=True)
+        return logits.flatten(1).softmax(dim=1).view(-1, g, g)
+
+    def early_features(self, num_blocks: int, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Patch tokens after ``num_blocks`` frozen blocks, as a float32 map ``(B, D, h, w)``."""
+        blocks = [_unwrapped(block) for block in list(self._backbone["blocks"])[:num_blocks]]
+        pre_norm = self._backbone["pre_norm"]
+        modules = [self.base_layer, *blocks] + ([pre_norm] if pre_norm is not None else [])
+        trainable = pixel_values.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            hidden = self.base_layer(pixel_values, *args, **kwargs)
+            if pre_norm is not None:
+                hidden = pre_norm(hidden)
+            for block in blocks:
+                hidden = block(hidden, None)  # ViT-family blocks: (hidden_states, attention_mask) -> tensor
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        height, width = (size // self.spec.patch_size for size in pixel_values.shape[-2:])
+        patches = hidden[:, self.spec.num_prefix_tokens :]
+        if patches.shape[1] != height * width:
+            raise RuntimeError(
+                f"FRPT expected {height}x{width} patch tokens after {self.spec.num_prefix_tokens} prefix tokens, "
+                f"got {patches.shape[1]}"
+            )
+        return patches.float().transpose(1, 2).reshape(patches.shape[0], -1, height, width)
+
+    def _kernel(self, adapter: str) -> torch.Tensor:
+        if adapter in self.frpt_gaussian:
+            return self.frpt_gaussian[adapter]
+        return self.frpt_gaussian_fixed[adapter]
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+# ---------------------------------------------------------------------------------------------------- CAH
+
+
+class FRPTHead(EmbeddingHead, FRPTLayer):
+    """The shared embedding head with CAH as its pooling and a classifier for the cross-entropy.
+
+    ``g = CAH(final patch tokens)`` pooled (mean, or the [CLS] token mixed alike);
+    ``embedding = normalize(Linear(LayerNorm(g)))`` (the shared contract); with labels,
+    ``loss = proxy_loss_weight · ProxyAnchor(embedding) + ce_loss_weight · CE(Linear_C(g))``.
+    Classifier and proxies are training-only (stored, not counted as inference parameters).
+    """
+
+    prefix = "frpt_"
+    extra_adapter_layers = ("cah", "classifier")
+    training_only_suffixes = ("proxies", "classifier")
+
+    def __init__(self, base_layer, adapter_name: str, config: FRPTConfig, spec: BackboneSpec, final_norm=None):
+        super().__init__(base_layer, adapter_name, config, spec)
+        self.num_prefix_tokens = spec.num_prefix_tokens
+        self._final_norm = {"module": final_norm}  # plain dict: a reference to a backbone module
+        self._features: Optional[torch.Tensor] = None
+
+    @property
+    def cah(self) -> nn.ModuleDict:
+        return self.frpt_cah
+
+    @property
+    def classifier(self) -> nn.ModuleDict:
+        return self.frpt_classifier
+
+    def update_layer(self, adapter_name: str, config: FRPTConfig) -> None:
+        super().update_layer(adapter_name, config)
+        device = self._base_device()
+        self.cah[adapter_name] = ChannelAttentionHead(
+            self.hidden_size, config.cah_reduction, config.instance_norm_eps, device=device
+        )
+        if config.num_classes:
+            self.classifier[adapter_name] = nn.Linear(self.hidden_size, config.num_classes, device=device)
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        out = self.base_layer(x, *args, **kwargs)
+        adapter = self.running_adapter()
+        if adapter is not None:
+            tokens = out[0] if isinstance(out, tuple) else out
+            if self._final_norm["module"] is not None:
+                tokens = self._final_norm["module"](tokens)
+            self._features = self.category_feature(adapter, tokens)
+            self._embeddings = self.embed(adapter, self._features)
+        return out
+
+    def category_feature(self, adapter: str, tokens: torch.Tensor) -> torch.Tensor:
+        """CAH's pooled feature ``g`` ``(B, D)`` (float32) from the final normalised tokens ``(B, T, D)``."""
+        cah: ChannelAttentionHead = self.cah[adapter]
+        tokens = tokens.to(cah.squeeze.weight.dtype)
+        patches = tokens[:, self.num_prefix_tokens :]
+        if self.head_config[adapter].pooling == "cls":
+            return cah(patches, extra=tokens[:, :1])[:, 0]
+        return cah(patches).mean(dim=1)
+
+    def take_embeddings(self) -> Optional[torch.Tensor]:
+        if self._labels is None:  # no loss this time: drop the feature (and its graph) now
+            self._features = None
+        return super().take_embeddings()
+
+    def loss(self, adapter: str, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        config: FRPTConfig = self.head_config[adapter]
+        features, self._features = self._features, None
+        total = embeddings.new_zeros(())
+        if config.proxy_loss_weight:
+            total = total + config.proxy_loss_weight * super().loss(adapter, embeddings, labels)
+        if config.ce_loss_weight:
+            logits = self.classifier[adapter](features)
+            total = total + config.ce_loss_weight * F.cross_entropy(
+                logits, labels, label_smoothing=config.label_smoothing
+            )
+        return total
+
+
+# ---------------------------------------------------------------------------------------------------- tuner
+
+
+class FRPTModel(PromptedTuner):
+    """peft tuner for :class:`FRPTConfig` (created by ``get_peft_model``; not used directly)."""
+
+    prefix = "frpt_"
+    tuner_layer_cls = FRPTLayer
+    head_cls = FRPTHead
+
+    def _pre_injection_hook(self, model: nn.Module, config: FRPTConfig, adapter_name: str) -> None:
+        super()._pre_injection_hook(model, config, adapter_name)
+        self.layout = FRPTLayout.from_spec(self.spec)
+        # A plain dict: modules set as attributes of the tuner would become its children, and peft saves those.
+        self._backbone_parts = {
+            "blocks": model.get_submodule(self.spec.block_list),
+            "pre_norm": model.get_submodule(self.layout.pre_norm) if self.layout.pre_norm else None,
+            "final_norm": model.get_submodule(self.layout.final_norm) if self.layout.final_norm else None,
+        }
+
+    def _prepare_adapter_config(self, peft_config: FRPTConfig, model_config: dict) -> FRPTConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        peft_config.target_modules = [self.layout.embeddings, self.layout.head]
+        # DINOv2 configs record the 518 px pre-training size; retrieval runs at 224 px (its processor's crop).
+        peft_config.resolve_parser_kernel(min(self.spec.image_size, REFERENCE_IMAGE_SIZE) // self.spec.patch_size)
+        if peft_config.pooling == "cls" and self.spec.num_prefix_tokens == 0:
+            raise ValueError(f"pooling='cls' needs a [CLS] token, but {self.spec.model_class} has none; use 'mean'.")
+        if peft_config.cah_reduction > self.spec.hidden_size:
+            raise ValueError(
+                f"cah_reduction={peft_config.cah_reduction} is larger than the hidden size {self.spec.hidden_size}"
+            )
+        return peft_config
+
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ) -> None:
+        if isinstance(target, FRPTLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        if current_key == self.layout.embeddings:
+            parts = self._backbone_parts
+            new_module = PixelPrompt(target, adapter_name, peft_config, self.spec, parts["blocks"], parts["pre_norm"])
+        elif current_key == self.layout.head:
+            new_module = FRPTHead(target, adapter_name, peft_config, self.spec, final_norm=self._backbone_parts["final_norm"])
+        else:  # target_modules is ours; anything else means it was edited by hand
+            raise ValueError(f"FRPT does not wrap {current_key!r}; it wraps {self.layout.embeddings!r} and "
+                             f"{self.layout.head!r} only")
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: FRPTConfig, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        setattr(model, _HEAD_PATH_ATTR, self.layout.head)  # FRPT's head is not always the pooled-token module
+
+    def _check_merge_allowed(self):
+        raise ValueError(
+            "FRPT adapters re-sample the input pixels and add a head; they cannot be merged into the backbone "
+            "weights. Use unload() to get the original backbone back, or keep the PeftModel."
+        )
+
+    # -- inspection --------------------------------------------------------------------------------------
+
+    def _pixel_prompt(self) -> PixelPrompt:
+        return self.model.get_submodule(self.layout.embeddings)
+
+    @torch.no_grad()
+    def resample_images(self, pixel_values: torch.Tensor, adapter_name: Optional[str] = None, **kwargs) -> torch.Tensor:
+        """What the backbone sees: ``pixel_values`` re-sampled by the adapter's learned saliency (same shape and
+        normalisation as the input). ``kwargs`` go to the embeddings (e.g. ``interpolate_pos_encoding=True``)."""
+        layer = self._pixel_prompt()
+        return layer.resample(adapter_name or self.active_adapters[0], pixel_values.to(layer._base_device()), **kwargs)
+
+    @torch.no_grad()
+    def saliency_maps(self, pixel_values: torch.Tensor, adapter_name: Optional[str] = None, **kwargs) -> torch.Tensor:
+        """The parser's saliency ``(B, g, g)`` on the sampling grid (each map sums to 1)."""
+        layer = self._pixel_prompt()
+        return layer.saliency(adapter_name or self.active_adapters[0], pixel_values.to(layer._base_device()), **kwargs)
