@@ -104,9 +104,7 @@ def _run(method, x, labels):
         import torch.nn.functional as F
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-        calc = AccuracyCalculator(
-            include=tuple(METRIC_KEYS.values()), k="max_bin_count", device=torch.device("cpu")
-        )
+        calc = AccuracyCalculator(include=tuple(METRIC_KEYS.values()), k="max_bin_count", device=torch.device("cpu"))
         result = calc.get_accuracy(F.normalize(torch.from_numpy(x), dim=1), torch.from_numpy(labels))
         return {ours: result[theirs] for ours, theirs in METRIC_KEYS.items()}
     from prompt_peft.retrieval import evaluate_embeddings
@@ -162,9 +160,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method; best wall time is shown")
-    parser.add_argument(
-        "--quick", action="store_true", help="small run: 6,000 x 128, 1,100 classes, 3 repeats"
-    )
+    parser.add_argument("--quick", action="store_true", help="small run: 6,000 x 128, 1,100 classes, 3 repeats")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

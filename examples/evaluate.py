@@ -25,8 +25,14 @@ import prompt_peft
 from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, with_rgb_images
 from prompt_peft.training import evaluate_retrieval
 
-NAMES = {"recall@1": "R@1", "recall@2": "R@2", "recall@4": "R@4", "recall@8": "R@8", "map@r": "MAP@R",
-         "r_precision": "R-Precision"}
+NAMES = {
+    "recall@1": "R@1",
+    "recall@2": "R@2",
+    "recall@4": "R@4",
+    "recall@8": "R@8",
+    "map@r": "MAP@R",
+    "r_precision": "R-Precision",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,8 +74,12 @@ def main(argv=None) -> dict:
 
     start = time.time()
     metrics = evaluate_retrieval(
-        model, eval_splits, make_collate_fn(eval_transform(processor, args.image_size)),
-        accelerator=accelerator, batch_size=args.batch_size, num_workers=args.num_workers,
+        model,
+        eval_splits,
+        make_collate_fn(eval_transform(processor, args.image_size)),
+        accelerator=accelerator,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
     )
     result = {
         "model": args.adapter or args.backbone,

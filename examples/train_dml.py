@@ -4,7 +4,7 @@
     accelerate launch examples/train_dml.py --config examples/configs/vpt.yaml \
         --backbone facebook/dinov2-small --dataset flowers102 --data_root data/flowers102
 
-Any method (``--method vpt|ship|semantic_proxy|frpt``; method options in ``--method_kwargs`` JSON or the YAML
+Any method of ``prompt_peft.METHODS`` (``--method vpt|ship|frpt``; method options in ``--method_kwargs`` JSON or the YAML
 ``method_kwargs:`` mapping), any backbone (Hub id or local path), any data set ``prompt_peft.data`` loads.
 Values come from the dataclass defaults, then the YAML file, then the command line.
 
@@ -176,8 +176,14 @@ def run(argv=None):
     eval_collate = make_collate_fn(eval_transform(processor, data_args.image_size))
     eval_splits = {k: v for k, v in splits.items() if k != "train"}
     loader, sampler = build_train_dataloader(
-        train_split, train_labels, accelerator, m=data_args.m_per_class, batch_size=data_args.batch_size,
-        seed=train_args.seed, num_workers=data_args.num_workers, collate_fn=train_collate,
+        train_split,
+        train_labels,
+        accelerator,
+        m=data_args.m_per_class,
+        batch_size=data_args.batch_size,
+        seed=train_args.seed,
+        num_workers=data_args.num_workers,
+        collate_fn=train_collate,
     )
 
     # ---- model, optimiser, schedule
@@ -185,8 +191,12 @@ def run(argv=None):
     if hasattr(model.base_model, "fit_hierarchy"):
         # SHIP: semantic levels and attribute prototypes from the frozen backbone, before the prompts exist in
         # the optimiser. Every process reads the same unsharded, unshuffled train split: identical levels.
-        fit_loader = DataLoader(splits["train"], batch_size=data_args.eval_batch_size, collate_fn=eval_collate,
-                                num_workers=data_args.num_workers)
+        fit_loader = DataLoader(
+            splits["train"],
+            batch_size=data_args.eval_batch_size,
+            collate_fn=eval_collate,
+            num_workers=data_args.num_workers,
+        )
         hierarchy = model.base_model.fit_hierarchy(fit_loader)
         logger.info("semantic levels %s", model.peft_config["default"].levels)
         del hierarchy
@@ -199,7 +209,9 @@ def run(argv=None):
     total_steps = train_args.max_steps or steps_per_epoch * train_args.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = build_scheduler(
-        optimizer, num_training_steps=total_steps, warmup_ratio=train_args.warmup_ratio,
+        optimizer,
+        num_training_steps=total_steps,
+        warmup_ratio=train_args.warmup_ratio,
         num_processes=accelerator.num_processes,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -215,8 +227,13 @@ def run(argv=None):
         logger.info("resumed from %s at step %d", checkpoint, step)
 
     # ---- train
-    logger.info("%d train images, %d classes, %d steps (%d per epoch)", len(train_split), len(label_map),
-                total_steps, steps_per_epoch)
+    logger.info(
+        "%d train images, %d classes, %d steps (%d per epoch)",
+        len(train_split),
+        len(label_map),
+        total_steps,
+        steps_per_epoch,
+    )
     progress = tqdm(total=total_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
     start_time, metrics, embedded = time.time(), None, None
     for epoch in range(step // steps_per_epoch, num_epochs):
@@ -250,14 +267,21 @@ def run(argv=None):
             progress.set_postfix(loss=f"{history['loss'][-1][1]:.4f}", epoch=epoch)
             accelerator.log({"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
             if train_args.checkpointing_steps and step % train_args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.keep_checkpoints)
+                save_checkpoint(
+                    accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.keep_checkpoints
+                )
             if step >= total_steps:
                 break
         last_epoch = step >= total_steps or epoch == num_epochs - 1
         if last_epoch or (train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0):
             metrics, embedded = evaluate_retrieval(
-                model, eval_splits, eval_collate, accelerator=accelerator,
-                batch_size=data_args.eval_batch_size, num_workers=data_args.num_workers, return_embeddings=True,
+                model,
+                eval_splits,
+                eval_collate,
+                accelerator=accelerator,
+                batch_size=data_args.eval_batch_size,
+                num_workers=data_args.num_workers,
+                return_embeddings=True,
             )
             history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
             logger.info(format_metrics(metrics, prefix=f"epoch {epoch + 1} step {step}"))
@@ -356,8 +380,12 @@ def publish(model, model_args, data_args, train_args, summary, figures) -> None:
         parameter_counts=summary["parameters"],
         images={title: path.name for title, path in figures.items()},
         extra_files=list(figures.values()),
-        training={"steps": summary["steps"], "epochs (last-epoch numbers)": train_args.num_epochs,
-                  "learning rate": train_args.learning_rate, "seed": train_args.seed},
+        training={
+            "steps": summary["steps"],
+            "epochs (last-epoch numbers)": train_args.num_epochs,
+            "learning rate": train_args.learning_rate,
+            "seed": train_args.seed,
+        },
         private=train_args.hub_private,
     )
     logger.info("pushed to %s (commit %s)", train_args.hub_model_id, info.oid)

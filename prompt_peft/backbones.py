@@ -27,9 +27,7 @@ _FAMILIES: dict[str, _Family] = {
     "vit": _Family("layers", "layernorm", "first_token", lambda c: 1),
     "deit": _Family("layers", "layernorm", "first_token", lambda c: 2),
     "dinov2": _Family("encoder.layer", "layernorm", "first_token", lambda c: 1),
-    "dinov2_with_registers": _Family(
-        "encoder.layer", "layernorm", "first_token", lambda c: 1 + c.num_register_tokens
-    ),
+    "dinov2_with_registers": _Family("encoder.layer", "layernorm", "first_token", lambda c: 1 + c.num_register_tokens),
     # CLIP applies its post-LayerNorm to the CLS vector only, so that module's output is already pooled.
     "clip": _Family("encoder.layers", "post_layernorm", "identity", lambda c: 1),
     # SigLIP has no CLS token; its attention-pooling head gives the pooled vector (see _siglip_family).

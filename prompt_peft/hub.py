@@ -105,8 +105,11 @@ class RetrievalResult:
         if isinstance(value, RetrievalResult):
             return value
         value = dict(value)
-        known = {k: value.pop(k) for k in ("dataset_name", "metrics", "dataset_type", "dataset_split",
-                                           "dataset_config") if k in value}
+        known = {
+            k: value.pop(k)
+            for k in ("dataset_name", "metrics", "dataset_type", "dataset_split", "dataset_config")
+            if k in value
+        }
         return cls(**known, extra=value)
 
 
@@ -270,11 +273,20 @@ def render_model_card(
             metric_type, display, order = _normalise_metric(name)
             columns.setdefault(display, order)
             cells[display] = _format_metric(value)
-            eval_results.append(EvalResult(
-                task_type=PIPELINE_TAG, task_name=TASK_NAME, dataset_type=dataset_type,
-                dataset_name=res.dataset_name, dataset_split=res.dataset_split, dataset_config=res.dataset_config,
-                metric_type=metric_type, metric_name=display, metric_value=float(value), **res.extra,
-            ))
+            eval_results.append(
+                EvalResult(
+                    task_type=PIPELINE_TAG,
+                    task_name=TASK_NAME,
+                    dataset_type=dataset_type,
+                    dataset_name=res.dataset_name,
+                    dataset_split=res.dataset_split,
+                    dataset_config=res.dataset_config,
+                    metric_type=metric_type,
+                    metric_name=display,
+                    metric_value=float(value),
+                    **res.extra,
+                )
+            )
         rows.append({"dataset": res.dataset_name, "split": res.dataset_split, "cells": cells})
     metric_columns = sorted(columns, key=columns.get)
     for row in rows:
@@ -297,8 +309,13 @@ def render_model_card(
     )
 
     template_text = Path(template_path or DEFAULT_TEMPLATE).read_text(encoding="utf-8")
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined, autoescape=False)
+    env = jinja2.Environment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
     content = env.from_string(template_text).render(
         card_data=card_data.to_yaml(),
         model_name=model_name,
@@ -429,7 +446,8 @@ def push_adapter_to_hub(
         folder = Path(tmp)
         try:
             peft_model.save_pretrained(
-                str(folder), save_embedding_layers=False,
+                str(folder),
+                save_embedding_layers=False,
                 selected_adapters=list(selected_adapters) if selected_adapters is not None else None,
             )
         finally:
@@ -448,8 +466,11 @@ def push_adapter_to_hub(
         card.save(folder / "README.md")  # replaces the card PEFT wrote
         _copy_extra_files(extra_files, folder)
 
-        missing = [img["path"] for img in _images(card_kwargs.get("images"))
-                   if not re.match(r"https?://", img["path"]) and not (folder / img["path"]).is_file()]
+        missing = [
+            img["path"]
+            for img in _images(card_kwargs.get("images"))
+            if not re.match(r"https?://", img["path"]) and not (folder / img["path"]).is_file()
+        ]
         if missing:
             raise ValueError(f"the card shows {missing} but they are not uploaded: add them to extra_files")
         _assert_no_local_paths(folder, local_paths)

@@ -105,9 +105,9 @@ def _load_config(config_file: Path, adapter):
 
         raise ValueError(
             f"The adapter {adapter!s} was made with the PEFT method {peft_type!r}, which is not registered with "
-            f"peft in this process. prompt_peft registers {', '.join(m.upper() for m in METHODS)}; if the adapter comes from another "
-            "package (or a newer prompt_peft), install and import it first: peft finds methods only through "
-            "imports, never automatically."
+            f"peft in this process. prompt_peft registers {', '.join(m.upper() for m in METHODS)}; if the adapter "
+            "comes from another package (or a newer prompt_peft), install and import it first: peft finds methods "
+            "only through imports, never automatically."
         )
     return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(str(config_file.parent))
 

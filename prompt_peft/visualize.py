@@ -101,7 +101,9 @@ def resampled_grid(
     canvas = Image.new("RGB", (len(original) * cell + border, 2 * cell + border), "white")
     for row, batch in enumerate((original, resampled)):
         for col, image in enumerate(_to_images(batch, mean, std)):
-            canvas.paste(image.resize((thumb, thumb), Image.Resampling.BICUBIC), (border + col * cell, border + row * cell))
+            canvas.paste(
+                image.resize((thumb, thumb), Image.Resampling.BICUBIC), (border + col * cell, border + row * cell)
+            )
     return canvas
 
 

@@ -17,7 +17,6 @@ from prompt_peft.losses import proxy_anchor_loss
 from prompt_peft.tuners.frpt import (
     ChannelAttentionHead,
     FRPTConfig,
-    FRPTModel,
     gaussian_kernel,
     resample,
     sampling_grid,

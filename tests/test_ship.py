@@ -12,7 +12,7 @@ from transformers import Dinov2Model, ViTConfig, ViTModel
 
 import prompt_peft
 from prompt_peft.hub import push_adapter_to_hub
-from prompt_peft.tuners.ship import SHIPConfig, SHIPModel
+from prompt_peft.tuners.ship import SHIPConfig
 from prompt_peft.tuners.ship.hierarchy import SemanticHierarchy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub

@@ -9,7 +9,7 @@ from tiny_models import BARE, SIZES, pixels, tiny_model
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit import modeling_vit
 
-from prompt_peft.tuners.ship import SHIPConfig, SHIPModel
+from prompt_peft.tuners.ship import SHIPConfig
 from prompt_peft.tuners.ship.attention import DecoupledCall, decoupled_attention
 
 D, L, H = SIZES["hidden_size"], SIZES["num_hidden_layers"], SIZES["num_attention_heads"]

@@ -5,7 +5,7 @@ import torch
 from peft import get_peft_model
 from tiny_models import pixels, tiny_model
 
-from prompt_peft.tuners.ship import SHIPConfig, SHIPModel
+from prompt_peft.tuners.ship import SHIPConfig
 from prompt_peft.tuners.ship.hierarchy import (
     collect_statistics,
     fit_hierarchy,

@@ -95,9 +95,7 @@ class _Options:
 def _options(options: Mapping[str, Any]) -> _Options:
     unknown = sorted(set(options) - set(_Options.__dataclass_fields__))
     if unknown:
-        raise TypeError(
-            f"unknown option(s) {unknown}; the checks take {sorted(_Options.__dataclass_fields__)}"
-        )
+        raise TypeError(f"unknown option(s) {unknown}; the checks take {sorted(_Options.__dataclass_fields__)}")
     return _Options(**options)
 
 
@@ -137,9 +135,7 @@ def _read_rows(path: Path, n_fields: int, skip: int = 0) -> Iterator[tuple[int, 
             yield number, [x.strip() for x in fields]
 
 
-def _class_label(
-    train_keys: Iterable[Any], other_keys: Iterable[Any], name_of: Callable[[Any], str]
-) -> tuple:
+def _class_label(train_keys: Iterable[Any], other_keys: Iterable[Any], name_of: Callable[[Any], str]) -> tuple:
     """Global label mapping with train classes first; returns (`ClassLabel`, key -> label id)."""
     ordered = list(dict.fromkeys([*train_keys, *other_keys]))
     names = [name_of(key) for key in ordered]
@@ -212,9 +208,7 @@ def _missing_files(ds: Dataset) -> list[tuple[int, BadImage]]:
     return missing
 
 
-def _find_bad(
-    name: str, split: str, ds: Dataset, options: _Options
-) -> tuple[list[tuple[int, BadImage]], set[int]]:
+def _find_bad(name: str, split: str, ds: Dataset, options: _Options) -> tuple[list[tuple[int, BadImage]], set[int]]:
     """Rows of `ds` whose file does not exist, and (with `verify_images`) rows that fail `check_image`."""
     missing = _missing_files(ds)
     missing_rows = {row for row, _ in missing}
@@ -267,9 +261,7 @@ def _finish(
     if options.check_counts and expected:
         notes = []
         if missing:
-            notes.append(
-                f"{_fmt(len(missing))} files listed in {listed_in} do not exist, e.g. {_examples(missing)}"
-            )
+            notes.append(f"{_fmt(len(missing))} files listed in {listed_in} do not exist, e.g. {_examples(missing)}")
         if unreadable:
             what = "were skipped" if skip else "are unreadable or too small"
             notes.append(f"{_fmt(len(unreadable))} more images {what}, e.g. {_examples(unreadable)}")
@@ -340,9 +332,7 @@ def load_cub200(root: str | os.PathLike, **options: Any) -> DatasetDict:
     splits = {"train": _Split(), "test": _Split()}
     for number, (image_id, class_id) in label_rows:
         if image_id not in paths:
-            raise ValueError(
-                f"{root / 'image_class_labels.txt'}:{number}: image id {image_id} not in images.txt"
-            )
+            raise ValueError(f"{root / 'image_class_labels.txt'}:{number}: image id {image_id} not in images.txt")
         split = splits["train" if int(class_id) <= 100 else "test"]
         split.paths.append(str(root / "images" / paths[image_id]))
         split.keys.append(int(class_id))
@@ -360,9 +350,7 @@ def _loadmat(path: Path) -> dict[str, Any]:
     try:
         from scipy.io import loadmat
     except ImportError as err:  # scipy is optional: only the Cars196 .mat annotations need it
-        raise ImportError(
-            f"reading {path.name} (Cars196 annotations) needs scipy: pip install scipy"
-        ) from err
+        raise ImportError(f"reading {path.name} (Cars196 annotations) needs scipy: pip install scipy") from err
     return loadmat(path, simplify_cells=True)
 
 
@@ -402,9 +390,7 @@ def load_cars196(root: str | os.PathLike, **options: Any) -> DatasetDict:
             (test_annos, "cars_test"),
         ]:
             mat = _loadmat(_require_file(annos, "Cars196", layout))
-            records += [
-                (str(root / folder / a["fname"]), int(a["class"])) for a in _as_list(mat["annotations"])
-            ]
+            records += [(str(root / folder / a["fname"]), int(a["class"])) for a in _as_list(mat["annotations"])]
         listed_in = "the devkit annotations"
     splits = {"train": _Split(), "test": _Split()}
     for path, class_id in records:
@@ -438,9 +424,7 @@ def load_sop(root: str | os.PathLike, **options: Any) -> DatasetDict:
     super_names: dict[int, str] = {}
     for split, file in [("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")]:
         s = splits[split] = _Split(extra={"super_label": []})
-        for _, (_, class_id, super_id, path) in _read_rows(
-            _require_file(lists / file, "SOP", layout), 4, skip=1
-        ):
+        for _, (_, class_id, super_id, path) in _read_rows(_require_file(lists / file, "SOP", layout), 4, skip=1):
             s.paths.append(str(root / path))
             s.keys.append(int(class_id))
             s.extra["super_label"].append(int(super_id))
@@ -564,14 +548,8 @@ def _resolve_class_lists(
     known = set(classes)
     unknown = [c for c in [*(train_classes or []), *(test_classes or [])] if c not in known]
     if unknown:
-        raise ValueError(
-            f"unknown classes {unknown[:5]}; known classes are e.g. {sorted(known, key=_natural_key)[:5]}"
-        )
-    train = (
-        list(train_classes)
-        if train_classes is not None
-        else [c for c in classes if c not in set(test_classes)]
-    )
+        raise ValueError(f"unknown classes {unknown[:5]}; known classes are e.g. {sorted(known, key=_natural_key)[:5]}")
+    train = list(train_classes) if train_classes is not None else [c for c in classes if c not in set(test_classes)]
     test = list(test_classes) if test_classes is not None else [c for c in classes if c not in set(train)]
     return train, test
 
@@ -609,24 +587,14 @@ def load_imagefolder(
     opts = _options(options)
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"image folder {root} not found. Expected layout: <root>/<class name>/<image>"
-        )
-    files = {
-        d.name: _image_files(d, extensions)
-        for d in root.iterdir()
-        if d.is_dir() and not d.name.startswith(".")
-    }
+        raise FileNotFoundError(f"image folder {root} not found. Expected layout: <root>/<class name>/<image>")
+    files = {d.name: _image_files(d, extensions) for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     empty = sorted(name for name, paths in files.items() if not paths)
     if empty:
-        logger.warning(
-            "image folder %s: leaving out %d class folder(s) without images: %s", root, len(empty), empty
-        )
+        logger.warning("image folder %s: leaving out %d class folder(s) without images: %s", root, len(empty), empty)
     classes = sorted((name for name, paths in files.items() if paths), key=_natural_key)
     if not classes:
-        raise FileNotFoundError(
-            f"no class folders with images in {root}. Expected layout: <root>/<class name>/<image>"
-        )
+        raise FileNotFoundError(f"no class folders with images in {root}. Expected layout: <root>/<class name>/<image>")
     train, test = _resolve_class_lists(classes, train_classes, test_classes, test_ratio, seed)
     splits = {"train": _Split(), "test": _Split()}
     for split, split_classes_ in [("train", train), ("test", test)]:
@@ -831,9 +799,7 @@ def load_retrieval_dataset(
     loader_name = _canonical(text)
     if loader_name is not None and not (root is None and os.path.isdir(text)):
         if root is None:
-            raise ValueError(
-                f"load_retrieval_dataset({text!r}) needs root= (the data set's directory or source)"
-            )
+            raise ValueError(f"load_retrieval_dataset({text!r}) needs root= (the data set's directory or source)")
         return LOADERS[loader_name](root, **kwargs)
     if root is not None:
         raise ValueError(f"unknown data set {text!r}; use one of {sorted(LOADERS)}")
@@ -841,9 +807,7 @@ def load_retrieval_dataset(
         return LOADERS[detect_layout(text)](text, **kwargs)
     if text.endswith(".parquet") or _is_glob(text):
         return load_hub_dataset(text, **kwargs)
-    raise ValueError(
-        f"unknown data set {text!r}: not one of {sorted(LOADERS)}, nor a directory or a parquet path"
-    )
+    raise ValueError(f"unknown data set {text!r}: not one of {sorted(LOADERS)}, nor a directory or a parquet path")
 
 
 def rgb_transform(

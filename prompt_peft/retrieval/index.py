@@ -334,9 +334,7 @@ class EmbeddingIndex:
             return None
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         if labels.ndim != 1 or len(labels) != n:
-            raise ValueError(
-                f"labels must be 1-D with one entry per embedding ({n}), got shape {labels.shape}"
-            )
+            raise ValueError(f"labels must be 1-D with one entry per embedding ({n}), got shape {labels.shape}")
         if labels.dtype.kind not in "iu":
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         return labels.astype(np.int64)
@@ -412,11 +410,7 @@ class EmbeddingIndex:
             kind, params, dim, size = meta["kind"], meta["params"], meta["dim"], meta["size"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"corrupt metadata in {directory / _META_FILE}: {err}") from None
-        if (
-            meta.get("format_version") != _FORMAT_VERSION
-            or kind not in INDEX_KINDS
-            or not isinstance(params, dict)
-        ):
+        if meta.get("format_version") != _FORMAT_VERSION or kind not in INDEX_KINDS or not isinstance(params, dict):
             raise ValueError(f"unsupported index metadata in {directory / _META_FILE}: {meta}")
         try:
             index = faiss.read_index(str(directory / _INDEX_FILE))
@@ -428,12 +422,7 @@ class EmbeddingIndex:
                 labels = arrays["labels"] if "labels" in arrays.files else None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"cannot read {directory / _ARRAYS_FILE}: {err}") from None
-        if (
-            index.d != dim
-            or index.ntotal != size
-            or len(ids) != size
-            or (labels is not None and len(labels) != size)
-        ):
+        if index.d != dim or index.ntotal != size or len(ids) != size or (labels is not None and len(labels) != size):
             raise ValueError(
                 f"inconsistent index folder {directory}: metadata says {size} x {dim}, faiss index holds "
                 f"{index.ntotal} x {index.d}, {len(ids)} ids"

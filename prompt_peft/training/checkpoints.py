@@ -18,7 +18,9 @@ _PATTERN = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    accelerator, checkpoints_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2
+) -> Path:
     """Save the full training state (model, optimiser, scheduler, RNGs, ``state``) as ``step_<step>``."""
     root = Path(checkpoints_dir)
     final, partial = root / f"step_{step}", root / f"step_{step}.tmp"

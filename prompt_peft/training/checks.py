@@ -9,9 +9,7 @@ import torch
 __all__ = ["check_finite"]
 
 
-def check_finite(
-    loss: torch.Tensor | float, step: int, *, checkpoint_dir: str | os.PathLike | None = None
-) -> None:
+def check_finite(loss: torch.Tensor | float, step: int, *, checkpoint_dir: str | os.PathLike | None = None) -> None:
     """Raise ``FloatingPointError`` if ``loss`` (a scalar, or all elements of a tensor) is nan or inf.
 
     Under DDP check a value every process agrees on, e.g. ``accelerator.gather(loss.detach())`` or

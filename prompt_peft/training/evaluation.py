@@ -25,10 +25,16 @@ def evaluate_retrieval(
     (each query excluded by index). Every process embeds its share; every process gets the same metrics.
     With ``return_embeddings`` also returns ``{split: (embeddings, labels)}`` (e.g. for a retrieval gallery).
     """
+
     def embed(name: str):
         return embed_dataset(
-            model, splits[name], collate_fn, batch_size=batch_size, num_workers=num_workers,
-            accelerator=accelerator, desc=f"Embedding {name}",
+            model,
+            splits[name],
+            collate_fn,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            accelerator=accelerator,
+            desc=f"Embedding {name}",
         )
 
     if "query" in splits and "gallery" in splits:

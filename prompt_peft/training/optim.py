@@ -67,8 +67,8 @@ def build_optimizer(
         lname = name.lower()
         if any(w in lname for w in proxy_words):
             proxy.append(param)
-        elif weight_decay > 0 and exempt_words is not None and (
-            param.ndim <= 1 or any(w in lname for w in exempt_words)
+        elif (
+            weight_decay > 0 and exempt_words is not None and (param.ndim <= 1 or any(w in lname for w in exempt_words))
         ):
             no_decay.append(param)
         else:
@@ -116,9 +116,7 @@ def build_scheduler(
         warmup_steps = math.ceil(warmup_ratio * num_training_steps)
     warmup_steps = warmup_steps or 0
     if not 0 <= warmup_steps <= num_training_steps:
-        raise ValueError(
-            f"warmup_steps must be in [0, num_training_steps={num_training_steps}], got {warmup_steps}"
-        )
+        raise ValueError(f"warmup_steps must be in [0, num_training_steps={num_training_steps}], got {warmup_steps}")
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     return get_cosine_schedule_with_warmup(

@@ -162,7 +162,9 @@ class PromptedBlock(nn.Module, PromptedLayer):
         cls.other_param_names = ("prompt_step", "prompt_dropout", "shared_projection") + extra_buffers
         cls.other_param_names += tuple(cls.extra_other_param_names)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, index: int, spec: BackboneSpec):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, index: int, spec: BackboneSpec
+    ):
         super().__init__()
         self._init_wrapper(base_layer)
         self.index = index
@@ -434,7 +436,10 @@ class PromptedTuner(BaseTuner):
 
     def _check_config_fits_backbone(self, config: PromptedConfig) -> None:
         spec = self.spec
-        for field_name, actual in (("backbone_hidden_size", spec.hidden_size), ("backbone_num_layers", spec.num_layers)):
+        for field_name, actual in (
+            ("backbone_hidden_size", spec.hidden_size),
+            ("backbone_num_layers", spec.num_layers),
+        ):
             expected = getattr(config, field_name)
             if expected is not None and expected != actual:
                 raise ValueError(

@@ -1,4 +1,4 @@
-"""FRPTConfig: Fine-grained Retrieval Prompt Tuning (Wang et al., AAAI 2023) adapted to a frozen ViT (methods.md §4.7)."""
+"""FRPTConfig: Fine-grained Retrieval Prompt Tuning (Wang et al., AAAI 2023) adapted to a frozen ViT."""
 
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ class FRPTConfig(PromptedConfig):
     )
     gaussian_fwhm: Optional[float] = field(
         default=None,
-        metadata={"help": "FWHM of the Gaussian distance kernel in grid cells; default 13 * grid_size / 31 (code: 13)."},
+        metadata={
+            "help": "FWHM of the Gaussian distance kernel in grid cells; default 13 * grid_size / 31 (code: 13)."
+        },
     )
     train_gaussian: bool = field(
         default=False,

@@ -319,10 +319,13 @@ class FRPTModel(PromptedTuner):
             parts = self._backbone_parts
             new_module = PixelPrompt(target, adapter_name, peft_config, self.spec, parts["blocks"], parts["pre_norm"])
         elif current_key == self.layout.head:
-            new_module = FRPTHead(target, adapter_name, peft_config, self.spec, final_norm=self._backbone_parts["final_norm"])
+            new_module = FRPTHead(
+                target, adapter_name, peft_config, self.spec, final_norm=self._backbone_parts["final_norm"]
+            )
         else:  # target_modules is ours; anything else means it was edited by hand
-            raise ValueError(f"FRPT does not wrap {current_key!r}; it wraps {self.layout.embeddings!r} and "
-                             f"{self.layout.head!r} only")
+            raise ValueError(
+                f"FRPT does not wrap {current_key!r}; it wraps {self.layout.embeddings!r} and {self.layout.head!r} only"
+            )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -145,8 +145,13 @@ class SHIPConfig(PromptedConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = add_peft_type("SHIP")
-        for name in ("level_prompt_tokens", "attribute_prompt_tokens", "num_prototypes", "matching_topk",
-                     "prototype_images"):
+        for name in (
+            "level_prompt_tokens",
+            "attribute_prompt_tokens",
+            "num_prototypes",
+            "matching_topk",
+            "prototype_images",
+        ):
             _check_positive(name, getattr(self, name))
         for name in ("shared_prompt_tokens", "num_attribute_prompts", "matching_loss_warmup_steps"):
             value = getattr(self, name)
