@@ -18,6 +18,18 @@ def _assets_dir() -> Path | None:
     return Path(value) if value and Path(value).is_dir() else None
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one CPU thread: tiny tensors gain nothing from threads, and OpenMP spinning
+    stalls on small shared CPUs."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     """Folder with `dinov2-small-imgfocus/` and `flowers102-160.tar.gz`; skips the test when absent."""

@@ -23,7 +23,10 @@ from prompt_peft.tuners.frpt import (
     token_statistics,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),  # huggingface_hub
+    pytest.mark.usefixtures("one_thread"),
+]
 ALL = list(FAMILIES)
 D, L = SIZES["hidden_size"], SIZES["num_hidden_layers"]
 EMB, CLASSES = 8, 4
@@ -34,12 +37,6 @@ SIGMA = 5  # the smallest odd number >= the grid width
 IDENTITY_ATOL = 2e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def config(**kw):

@@ -15,19 +15,15 @@ from prompt_peft.hub import push_adapter_to_hub
 from prompt_peft.tuners.ship import SHIPConfig
 from prompt_peft.tuners.ship.hierarchy import SemanticHierarchy
 
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),  # huggingface_hub
+    pytest.mark.usefixtures("one_thread"),
+]
 BASE_ID, ADAPTER_ID = "org/tiny-dinov2", "org/tiny-dinov2-ship"
 D, L = SIZES["hidden_size"], SIZES["num_hidden_layers"]
 K, S, A, P, EMB, CLASSES = 3, 2, 4, 5, 8, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and OpenMP spinning stalls on small shared CPUs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def config(**kw):

@@ -16,13 +16,7 @@ D, L, H = SIZES["hidden_size"], SIZES["num_hidden_layers"], SIZES["num_attention
 K, S, A = 3, 2, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and OpenMP spinning stalls on small shared CPUs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**kw):

@@ -16,13 +16,7 @@ from prompt_peft.tuners.ship.hierarchy import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and OpenMP spinning stalls on small shared CPUs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def affinity_from_positions(positions, rate=0.04):
