@@ -4,8 +4,9 @@
     accelerate launch examples/train_dml.py --config examples/configs/vpt.yaml \
         --backbone facebook/dinov2-small --dataset flowers102 --data_root data/flowers102
 
-Any method of ``prompt_peft.METHODS`` (``--method vpt|ship|frpt``; method options in ``--method_kwargs`` JSON or the YAML
-``method_kwargs:`` mapping), any backbone (Hub id or local path), any data set ``prompt_peft.data`` loads.
+Any method of ``prompt_peft.METHODS`` (``--method vpt|ship|frpt|semantic_proxy``; method options in
+``--method_kwargs`` JSON or the YAML ``method_kwargs:`` mapping), any backbone (Hub id or local path), any data
+set ``prompt_peft.data`` loads.
 Values come from the dataclass defaults, then the YAML file, then the command line.
 
 Organised like transformers' ``no_trainer`` examples; the reusable parts (class-balanced sampler, optimiser
@@ -46,6 +47,7 @@ from prompt_peft.data import (
     train_transform,
     with_rgb_images,
 )
+from prompt_peft.training import clip_grad_norm_ as sparse_aware_clip_grad_norm_
 from prompt_peft.training import (
     build_optimizer,
     build_scheduler,
@@ -255,7 +257,7 @@ def run(argv=None):
                 check_finite(mean_loss, step + 1, checkpoint_dir=_latest(checkpoints_dir))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train_args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                    clip_gradients(accelerator, model, train_args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -314,6 +316,17 @@ def run(argv=None):
             publish(unwrapped, model_args, data_args, train_args, summary, figures)
     accelerator.end_training()
     return summary, unwrapped
+
+
+def clip_gradients(accelerator, model, max_norm: float) -> None:
+    """accelerate's clipping, or, when a gradient is sparse (VPTSP-G's class prompts, which torch's
+    ``clip_grad_norm_`` rejects), unscale (mixed precision) and clip with the sparse-aware version."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):
+        accelerator.unscale_gradients()
+        sparse_aware_clip_grad_norm_(params, max_norm)
+    else:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _latest(checkpoints_dir: Path) -> Optional[Path]:

@@ -12,15 +12,22 @@ from .backbones import SUPPORTED_MODELS, BackboneSpec
 from .loading import from_pretrained
 from .registry import register_method
 from .tuners.frpt import FRPTConfig, FRPTModel
+from .tuners.semantic_proxy import SemanticProxyVPTConfig, SemanticProxyVPTModel
 from .tuners.ship import SHIPConfig, SHIPModel
 from .tuners.vpt import VPTConfig, VPTModel
 
 __version__ = "0.1.0"
 
-# method name -> (config, tuner); registration makes them real peft methods (PeftType.VPT, ...)
-METHODS = {"vpt": (VPTConfig, VPTModel), "ship": (SHIPConfig, SHIPModel), "frpt": (FRPTConfig, FRPTModel)}
-for _name, (_config_cls, _model_cls) in METHODS.items():
-    register_method(_name, _config_cls, _model_cls)
+# method name (as examples/train_dml.py --method takes it) -> (config, tuner); registration makes them real peft
+# methods under the tuner's prefix (PeftType.VPT, ..., "semantic_proxy" -> PeftType.VPTSP with prefix "vptsp_").
+METHODS = {
+    "vpt": (VPTConfig, VPTModel),
+    "ship": (SHIPConfig, SHIPModel),
+    "frpt": (FRPTConfig, FRPTModel),
+    "semantic_proxy": (SemanticProxyVPTConfig, SemanticProxyVPTModel),
+}
+for _config_cls, _model_cls in METHODS.values():
+    register_method(_model_cls.prefix.removesuffix("_"), _config_cls, _model_cls)
 
 __all__ = [
     "BackboneSpec",
@@ -29,6 +36,8 @@ __all__ = [
     "METHODS",
     "SHIPConfig",
     "SHIPModel",
+    "SemanticProxyVPTConfig",
+    "SemanticProxyVPTModel",
     "SUPPORTED_MODELS",
     "VPTConfig",
     "VPTModel",

@@ -103,9 +103,10 @@ def _load_config(config_file: Path, adapter):
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         from . import METHODS
 
+        ours = ", ".join(tuner.prefix.rstrip("_").upper() for _, tuner in METHODS.values())
         raise ValueError(
             f"The adapter {adapter!s} was made with the PEFT method {peft_type!r}, which is not registered with "
-            f"peft in this process. prompt_peft registers {', '.join(m.upper() for m in METHODS)}; if the adapter "
+            f"peft in this process. prompt_peft registers {ours}; if the adapter "
             "comes from another package (or a newer prompt_peft), install and import it first: peft finds methods "
             "only through imports, never automatically."
         )

@@ -229,3 +229,14 @@ def test_frpt_run_saves_the_resampled_images(workspace, tmp_path):
     assert picture.size[1] == 2 * (96 + 4) + 4  # input row and re-sampled row
     pixels = np.asarray(picture)
     assert pixels[4:100].std() > 0 and pixels[104:200].std() > 0  # both rows hold images
+
+
+def test_semantic_proxy_run_trains_both_branches(workspace, tmp_path):
+    summary = load_script().main(args(workspace, tmp_path, "--method", "semantic_proxy", "--max_steps", "3",
+                                      "--method_kwargs", '{"num_prompts": 2, "num_class_prompts": 2}'))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "VPTSP" and config["num_classes"] == 4 and config["bitfit"] is True
+    weights = adapter_weights(tmp_path)
+    assert any("class_prompt" in key for key in weights) and any("bitfit" in key for key in weights)
+    assert any("semantic_proxies" in key for key in weights)  # the running proxies, for resuming
+    assert summary["steps"] == 3 and summary["parameters"]["inference"] < summary["parameters"]["stored"]

@@ -9,13 +9,16 @@ from .checks import check_finite
 from .dataloader import build_train_dataloader
 from .evaluation import evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler
+from .row_sparse import RowSparseAdamW, clip_grad_norm_
 
 __all__ = [
     "PROXY_LR_FACTOR",
+    "RowSparseAdamW",
     "build_optimizer",
     "build_scheduler",
     "build_train_dataloader",
     "check_finite",
+    "clip_grad_norm_",
     "evaluate_retrieval",
     "format_metrics",
     "list_checkpoints",

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from .row_sparse import RowSparseAdamW
+
 __all__ = ["PROXY_LR_FACTOR", "build_optimizer", "build_scheduler"]
 
 # Proxy-Anchor (Kim et al., CVPR 2020) trains its proxies with 100x the backbone learning rate; proxies start
@@ -16,6 +18,8 @@ __all__ = ["PROXY_LR_FACTOR", "build_optimizer", "build_scheduler"]
 PROXY_LR_FACTOR = 100.0
 DEFAULT_PROXY_KEYWORDS = ("proxy", "proxies")
 DEFAULT_DECAY_EXEMPT = ("bias", "norm", "prompt")
+# Per-class tables updated row by row (VPTSP-G's class prompts): see row_sparse.RowSparseAdamW.
+DEFAULT_ROW_SPARSE_KEYWORDS = ("class_prompt",)
 
 
 def build_optimizer(
@@ -29,6 +33,7 @@ def build_optimizer(
     eps: float = 1e-8,
     proxy_keywords: Sequence[str] = DEFAULT_PROXY_KEYWORDS,
     decay_exempt: Sequence[str] | None = DEFAULT_DECAY_EXEMPT,
+    row_sparse_keywords: Sequence[str] = DEFAULT_ROW_SPARSE_KEYWORDS,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable (``requires_grad``) parameters only, in named groups.
 
@@ -42,6 +47,13 @@ def build_optimizer(
     * ``"no_decay"``: parameters exempt from decay: 1-D tensors (biases, LayerNorm scales) and names
       containing a ``decay_exempt`` entry (prompt tokens). Only split off when ``weight_decay > 0``;
       ``decay_exempt=None`` decays everything.
+    * ``"rows"``: 2-D per-class tables whose name contains a ``row_sparse_keywords`` entry (VPTSP-G's class
+      prompts), learning rate ``lr``; updated lazily, only the rows with a gradient, with optimiser state only
+      for rows ever touched (:class:`~prompt_peft.training.row_sparse.RowSparseAdamW`). Decayed like "main"
+      unless a ``decay_exempt`` entry matches.
+
+    The optimiser is a :class:`RowSparseAdamW`, which is exactly ``torch.optim.AdamW`` when there is no
+    "rows" group.
 
     Why exempt prompts: AdamW's decay is decoupled from the gradient, so it shrinks a parameter even when its
     gradient is exactly zero (prompts masked out by decoupled attention, class prompts of classes absent from
@@ -60,12 +72,16 @@ def build_optimizer(
 
     proxy_words = [w.lower() for w in proxy_keywords]
     exempt_words = None if decay_exempt is None else [w.lower() for w in decay_exempt]
-    proxy, decay, no_decay = [], [], []
+    row_words = [w.lower() for w in row_sparse_keywords]
+    proxy, decay, no_decay, rows, rows_exempt = [], [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         lname = name.lower()
-        if any(w in lname for w in proxy_words):
+        if param.ndim == 2 and any(w in lname for w in row_words):
+            exempt = exempt_words is not None and any(w in lname for w in exempt_words)
+            (rows_exempt if exempt else rows).append(param)
+        elif any(w in lname for w in proxy_words):
             proxy.append(param)
         elif (
             weight_decay > 0 and exempt_words is not None and (param.ndim <= 1 or any(w in lname for w in exempt_words))
@@ -73,7 +89,7 @@ def build_optimizer(
             no_decay.append(param)
         else:
             decay.append(param)
-    if not (proxy or decay or no_decay):
+    if not (proxy or decay or no_decay or rows or rows_exempt):
         raise ValueError(
             f"{type(model).__name__} has no trainable parameters (none has requires_grad=True); "
             "was the adapter added (get_peft_model) and is it the active, trainable one?"
@@ -83,8 +99,10 @@ def build_optimizer(
         {"name": "main", "params": decay, "lr": lr, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
         {"name": "proxy", "params": proxy, "lr": proxy_lr, "weight_decay": proxy_weight_decay},
+        {"name": "rows", "params": rows, "lr": lr, "weight_decay": weight_decay, "row_sparse": True},
+        {"name": "rows_no_decay", "params": rows_exempt, "lr": lr, "weight_decay": 0.0, "row_sparse": True},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return RowSparseAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
 
 def build_scheduler(

@@ -145,17 +145,19 @@ class PromptedBlock(nn.Module, PromptedLayer):
     projection, then prompt dropout; subclasses may override :meth:`make_prompts`.
     Subclasses set ``prefix`` (e.g. ``"vpt_"``); the adapter containers are named after it. A method with more
     per-adapter state lists it in ``extra_adapter_layers`` (trainable ``ParameterDict`` containers),
+    ``extra_adapter_modules`` (trainable ``ModuleDict`` containers, e.g. an ``nn.Embedding`` per adapter),
     ``extra_buffers`` (peft ``BufferDict`` containers: saved with the adapter, never trainable) and
     ``extra_other_param_names`` (plain per-adapter dicts); all are named ``<prefix><name>`` except the last.
     """
 
     extra_adapter_layers: tuple[str, ...] = ()
+    extra_adapter_modules: tuple[str, ...] = ()
     extra_buffers: tuple[str, ...] = ()
     extra_other_param_names: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        extra_layers = tuple(cls.prefix + name for name in cls.extra_adapter_layers)
+        extra_layers = tuple(cls.prefix + name for name in cls.extra_adapter_layers + cls.extra_adapter_modules)
         # Buffers are not adapter layers: set_adapter() would flip requires_grad on them.
         extra_buffers = tuple(cls.prefix + name for name in cls.extra_buffers)
         cls.adapter_layer_names = (cls.prefix + "prompt", cls.prefix + "prompt_proj") + extra_layers
@@ -176,6 +178,8 @@ class PromptedBlock(nn.Module, PromptedLayer):
         self.add_module(self.prefix + "prompt_proj", nn.ModuleDict())  # owned by the first prompted layer
         for name in self.extra_adapter_layers:
             self.add_module(self.prefix + name, nn.ParameterDict())
+        for name in self.extra_adapter_modules:
+            self.add_module(self.prefix + name, nn.ModuleDict())
         for name in self.extra_buffers:
             self.add_module(self.prefix + name, BufferDict(persistent=True))
         for name in self.extra_other_param_names:
@@ -249,18 +253,22 @@ class EmbeddingHead(nn.Module, PromptedLayer):
     Also owns the Proxy-Anchor proxies (``num_classes × embedding_dim``) when ``num_classes`` is set.
     The result is handed to the tuner's forward hook through :meth:`take_embeddings`.
     A method whose head has more per-adapter state lists it in ``extra_adapter_layers`` (trainable ``ModuleDict``
-    containers named ``<prefix><name>``, created empty before :meth:`update_layer` runs) and
-    ``extra_other_param_names`` (plain per-adapter dicts).
+    containers named ``<prefix><name>``, created empty before :meth:`update_layer` runs), ``extra_buffers``
+    (peft ``BufferDict`` containers, persistent: in training checkpoints and the adapter file, never trainable) and
+    ``extra_other_param_names`` (plain per-adapter dicts). A method whose loss needs another forward of the
+    backbone overrides :meth:`extra_pass`.
     """
 
     extra_adapter_layers: tuple[str, ...] = ()
+    extra_buffers: tuple[str, ...] = ()
     extra_other_param_names: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.adapter_layer_names = (cls.prefix + "head_norm", cls.prefix + "head_proj", cls.prefix + "proxies")
         cls.adapter_layer_names += tuple(cls.prefix + name for name in cls.extra_adapter_layers)
-        cls.other_param_names = ("head_config",) + tuple(cls.extra_other_param_names)
+        cls.other_param_names = ("head_config",) + tuple(cls.prefix + name for name in cls.extra_buffers)
+        cls.other_param_names += tuple(cls.extra_other_param_names)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, spec: BackboneSpec):
         super().__init__()
@@ -272,6 +280,8 @@ class EmbeddingHead(nn.Module, PromptedLayer):
         self.add_module(self.prefix + "proxies", nn.ParameterDict())
         for name in self.extra_adapter_layers:
             self.add_module(self.prefix + name, nn.ModuleDict())
+        for name in self.extra_buffers:
+            self.add_module(self.prefix + name, BufferDict(persistent=True))
         for name in self.extra_other_param_names:
             setattr(self, name, {})
         self.head_config: dict[str, PromptedConfig] = {}
@@ -336,6 +346,11 @@ class EmbeddingHead(nn.Module, PromptedLayer):
         embeddings, self._embeddings = self._embeddings, None
         return embeddings
 
+    def extra_pass(self, model: nn.Module, args: tuple, kwargs: dict, labels: torch.Tensor) -> None:
+        """Called by the tuner's output hook before :meth:`loss` when labels were given: a method whose loss
+        needs a second forward of the backbone (VPTSP's proxy branch) runs it here, with the same inputs
+        (``model.forward(*args, **kwargs)``, labels removed). Nothing by default."""
+
 
 # ---------------------------------------------------------------------------------------------------- hooks
 
@@ -397,6 +412,8 @@ def _attach_outputs(model: nn.Module, args: tuple, kwargs: dict, output: Any):
     labels, head._labels = head._labels, None
     if embeddings is None:
         return None
+    if labels is not None:
+        head.extra_pass(model, args, kwargs, labels)
     loss = head.loss(head.running_adapter(), embeddings, labels.to(embeddings.device)) if labels is not None else None
     if loss is not None and auxiliary is not None:
         loss = loss + auxiliary

@@ -1,0 +1,89 @@
+"""Semantic proxies: integrating per-sample candidates into a running proxy per class (methods.md §3.4).
+
+Pure tensor code, independent of the backbone: the GRU-ReLU cell (VPTSP-G), the EMA update (VPTSP-M), the
+per-class sequential integration over a batch, and the mix with the learnable proxy bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SemanticGRUCell(nn.Module):
+    """The paper's integration unit: a GRU cell with ReLU in place of tanh ("keeps the scale"), in embedding space.
+
+    With row vectors ``q`` (candidate) and ``h`` (previous proxy)::
+
+        z = sigmoid(q W_iz + h W_hz + b_iz)
+        r = sigmoid(q W_ir + h W_hr + b_ir)
+        n = relu(q W_in + r * (h W_hn) + b_in)
+        h' = (1 - z) * n + z * h            # the code's convention (the paper swaps z and 1 - z)
+
+    Six ``E x E`` matrices (xavier-uniform) and three biases (zero); the code's unused ``W_ia`` is not allocated.
+    """
+
+    def __init__(self, dim: int, device=None):
+        super().__init__()
+        self.input_weight = nn.Parameter(torch.empty(3, dim, dim, device=device))  # W_iz, W_ir, W_in
+        self.hidden_weight = nn.Parameter(torch.empty(3, dim, dim, device=device))  # W_hz, W_hr, W_hn
+        self.bias = nn.Parameter(torch.zeros(3, dim, device=device))  # b_iz, b_ir, b_in
+        for weights in (self.input_weight, self.hidden_weight):
+            for w in weights.data:
+                nn.init.xavier_uniform_(w)
+
+    def forward(self, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        wi, wh, b = self.input_weight, self.hidden_weight, self.bias
+        z = torch.sigmoid(q @ wi[0] + h @ wh[0] + b[0])
+        r = torch.sigmoid(q @ wi[1] + h @ wh[1] + b[1])
+        n = torch.relu(q @ wi[2] + r * (h @ wh[2]) + b[2])
+        return (1 - z) * n + z * h
+
+
+def within_class_rank(labels: torch.Tensor) -> torch.Tensor:
+    """For each sample, how many earlier samples of the batch share its label (0 for the first)."""
+    same = labels[:, None] == labels[None, :]
+    earlier = torch.ones_like(same).tril(-1)
+    return (same & earlier).sum(dim=1)
+
+
+def integrate_gru(
+    cell: SemanticGRUCell,
+    proxies: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """New proxy table: each class of the batch folds its candidates into its proxy one sample at a time, in batch
+    order (vectorised over classes), then the updated rows are L2-normalised. Other rows are returned unchanged.
+
+    Args:
+        proxies: ``(C, E)`` previous (unit-norm, detached) semantic proxies.
+        candidates: ``(B, E)`` per-sample candidates ``q``.
+        labels: ``(B,)`` class ids.
+    """
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    rank = within_class_rank(labels)
+    state = proxies[classes].to(candidates.dtype)
+    for step in range(int(rank.max()) + 1 if labels.numel() else 0):
+        chosen = rank == step
+        rows = inverse[chosen]
+        updated = F.dropout(cell(candidates[chosen], state[rows]), p=dropout, training=training)
+        state = state.index_put((rows,), updated)  # out of place: earlier states stay in the graph
+    return proxies.to(state.dtype).index_put((classes,), F.normalize(state, dim=-1))
+
+
+def integrate_ema(proxies: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, keep: float) -> torch.Tensor:
+    """VPTSP-M: ``P_c <- normalize(keep * P_c + (1 - keep) * mean of the batch's candidates of class c)``."""
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    sums = candidates.new_zeros(len(classes), candidates.shape[1]).index_add(0, inverse, candidates)
+    means = sums / torch.bincount(inverse, minlength=len(classes)).unsqueeze(1).to(sums.dtype)
+    mixed = keep * proxies[classes].to(means.dtype) + (1 - keep) * means
+    return proxies.to(mixed.dtype).index_put((classes,), F.normalize(mixed, dim=-1))
+
+
+def mix_proxies(proxy_bias: torch.Tensor, semantic: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The loss's proxies (Eq. 8): ``ratio * proxy_bias + (1 - ratio) * semantic`` (normalised inside the loss)."""
+    return ratio * proxy_bias + (1 - ratio) * semantic.to(proxy_bias.dtype)
