@@ -240,3 +240,14 @@ def test_semantic_proxy_run_trains_both_branches(workspace, tmp_path):
     assert any("class_prompt" in key for key in weights) and any("bitfit" in key for key in weights)
     assert any("semantic_proxies" in key for key in weights)  # the running proxies, for resuming
     assert summary["steps"] == 3 and summary["parameters"]["inference"] < summary["parameters"]["stored"]
+
+
+def test_bf16_mixed_precision_run(workspace, tmp_path):
+    # In a subprocess: accelerate keeps one AcceleratorState per process, fixed by the first Accelerator.
+    process = run_script(args(workspace, tmp_path, "--max_steps", "2", "--mixed_precision", "bf16"))
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["steps"] == 2 and all(np.isfinite(loss) for _, loss in summary["history"]["loss"])
+    weights = adapter_weights(tmp_path)
+    assert all(t.dtype == torch.float32 for t in weights.values())  # adapter weights stay fp32 under autocast
