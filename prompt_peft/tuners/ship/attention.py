@@ -168,12 +168,7 @@ def install(model: nn.Module, blocks: list[nn.Module], hidden_size: int) -> None
             "attn_implementation='sdpa'."
         )
     for block in blocks:
-        if not _takes_keywords(block):
-            raise ValueError(
-                f"SHIP hands its attention settings to the encoder blocks as a keyword argument, but "
-                f"{type(block).__name__}.forward takes none in transformers {transformers.__version__}; use a "
-                "transformers version whose blocks pass **kwargs on to their attention (5.23 does)."
-            )
+        _require_keywords(block)
         attention = find_attention(block)
         if attention.q_proj.out_features != hidden_size:
             raise ValueError(
@@ -187,20 +182,20 @@ def install(model: nn.Module, blocks: list[nn.Module], hidden_size: int) -> None
     config._attn_implementation = PREFIX + base
 
 
-def _takes_keywords(block: nn.Module) -> bool:
+def _require_keywords(block: nn.Module) -> None:
     parameters = inspect.signature(block.forward).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        raise ValueError(
+            f"SHIP hands its attention settings to the encoder blocks as a keyword argument, but "
+            f"{type(block).__name__}.forward takes none in transformers {transformers.__version__}; use a "
+            "transformers version whose blocks pass **kwargs on to their attention (5.23 does)."
+        )
 
 
 def uninstall(model: nn.Module, blocks: list[nn.Module]) -> None:
     """Undo :func:`install`: the backbone's own attention implementation, no hooks."""
     for block in blocks:
-        if not _takes_keywords(block):
-            raise ValueError(
-                f"SHIP hands its attention settings to the encoder blocks as a keyword argument, but "
-                f"{type(block).__name__}.forward takes none in transformers {transformers.__version__}; use a "
-                "transformers version whose blocks pass **kwargs on to their attention (5.23 does)."
-            )
+        _require_keywords(block)
         attention = find_attention(block)
         handle = attention.__dict__.pop(_HOOK_ATTR, None)
         if handle is not None:
