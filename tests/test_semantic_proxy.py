@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import SIZES, pixels, tiny_model
+from tiny_models import SIZES, perturb_adapter, pixels, tiny_model
 from transformers import Dinov2Model, ViTConfig, ViTModel
 
 import prompt_peft
@@ -40,12 +40,8 @@ def config(**kw):
 
 def wrapped(seed=0, perturb=True, name="ViTModel", **kw):
     model = get_peft_model(tiny_model(name, seed=seed), config(**kw))
-    if perturb:  # stand-in for training: move every adapter tensor (BitFit deltas included) off its init
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(seed)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    if perturb:
+        perturb_adapter(model, seed)
     return model.eval()
 
 
@@ -392,10 +388,7 @@ def test_hub_round_trip(fake_hub):
     base_id, adapter_id = "org/tiny-dinov2", "org/tiny-dinov2-vptsp"
     tiny_model("Dinov2Model").push_to_hub(base_id)
     model = get_peft_model(Dinov2Model.from_pretrained(base_id), config())
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_adapter(model)
     model.eval()
     expected = model(pixel_values=pixels()).embeddings
     push_adapter_to_hub(model, adapter_id, base_model_id=base_id)

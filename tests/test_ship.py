@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import AutoPeftModel, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import BARE, SIZES, pixels, tiny_model
+from tiny_models import BARE, SIZES, perturb_adapter, pixels, tiny_model
 from transformers import Dinov2Model, ViTConfig, ViTModel
 
 import prompt_peft
@@ -39,12 +39,8 @@ def loader(n=3, batch=4):
 def fitted(name="ViTModel", seed=0, base=None, perturb=True, **kw):
     model = get_peft_model(base if base is not None else tiny_model(name, seed=seed), config(**kw))
     model.fit_hierarchy(loader())
-    if perturb:  # stand-in for training: move every adapter tensor off its init
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(seed)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    if perturb:
+        perturb_adapter(model, seed)
     return model.eval()
 
 

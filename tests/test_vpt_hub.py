@@ -12,7 +12,7 @@ import torch
 from hub_server import fill_hf_cache
 from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
-from tiny_models import pixels, tiny_model
+from tiny_models import perturb_adapter, pixels, tiny_model
 from transformers import Dinov2Model
 
 import prompt_peft
@@ -26,12 +26,7 @@ METRICS = {"recall@1": 0.61, "recall@2": 0.72, "recall@4": 0.8, "recall@8": 0.9,
 
 def trained_vpt(base, seed=0):
     model = get_peft_model(base, VPTConfig(num_prompts=3, embedding_dim=16, num_classes=4))
-    with torch.no_grad():  # stand-in for training: move every adapter tensor away from its init
-        gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
+    return perturb_adapter(model, seed).eval()
 
 
 @pytest.fixture()

@@ -40,3 +40,13 @@ def pixels(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
 def reference_features(model: torch.nn.Module, out) -> torch.Tensor:
     """The tensor that must not change when an adapter is disabled: logits or the last hidden state."""
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def perturb_adapter(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Stand-in for training: move every trainable (adapter) tensor off its initial value, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return model
