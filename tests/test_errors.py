@@ -12,9 +12,8 @@ from prompt_peft import SUPPORTED_MODELS, VPTConfig
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_prompts=0), "num_prompts must be a positive integer"),
-        (dict(num_prompts=-3), "num_prompts must be a positive integer"),
-        (dict(num_prompts=2.5), "num_prompts must be a positive integer"),
+        (dict(num_prompts=-3), "num_prompts must be a non-negative integer"),
+        (dict(num_prompts=2.5), "num_prompts must be a non-negative integer"),
         (dict(embedding_dim=0), "embedding_dim must be a positive integer"),
         (dict(num_classes=-1), "num_classes must be a positive integer"),
         (dict(prompt_dropout=1.0), r"prompt_dropout must be in \[0, 1\)"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import AutoPeftModel, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, SIZES, pixels, reference_features, tiny_model
+from tiny_models import FAMILIES, SIZES, perturb_adapter, pixels, reference_features, tiny_model
 
 import prompt_peft
 from prompt_peft import VPTConfig
@@ -264,3 +264,29 @@ def test_labels_without_proxies_on_a_bare_backbone_is_an_error():
 
 def test_prompt_peft_exports_the_configs():
     assert prompt_peft.VPTConfig is VPTConfig
+
+
+def test_zero_prompts_is_a_linear_probe_on_the_unchanged_backbone(tmp_path):
+    """num_prompts=0: the backbone's outputs are exactly the bare model's; only the head (and proxies) train,
+    and the embedding is that head applied to the bare pooled token."""
+    bare = tiny_model("Dinov2Model")
+    x = pixels(3)
+    with torch.no_grad():
+        expected = bare(pixel_values=x)
+    model = get_peft_model(tiny_model("Dinov2Model"), VPTConfig(num_prompts=0, num_classes=4, embedding_dim=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("vpt_head" in n or "vpt_proxies" in n for n in trainable)
+    head = model.base_model.model.layernorm
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        cls = expected.last_hidden_state[:, 0]
+        by_hand = head.vpt_head_proj["default"](head.vpt_head_norm["default"](cls))
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(out.embeddings, torch.nn.functional.normalize(by_hand, dim=-1))
+
+    perturb_adapter(model)
+    model.save_pretrained(tmp_path)
+    assert not any("prompt" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(tiny_model("Dinov2Model"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).embeddings, model(pixel_values=x).embeddings)

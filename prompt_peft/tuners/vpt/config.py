@@ -19,6 +19,9 @@ class VPTConfig(PromptedConfig):
     last block, so the backbone's usual outputs keep their shapes. Initialisation follows the official code:
     ``U(-v, v)`` with ``v = sqrt(6 / (channels * patch**2 + prompt_dim))``.
 
+    ``num_prompts=0`` adds no tokens at all: only the embedding head (and proxies) train on the frozen backbone's
+    features, the linear-probe baseline of ``benchmarks/retrieval.py``.
+
     Example::
 
         model = get_peft_model(AutoModel.from_pretrained("facebook/dinov2-small"),
@@ -26,7 +29,10 @@ class VPTConfig(PromptedConfig):
         out = model(pixel_values=x, labels=y)   # out.embeddings (B, 512), out.loss
     """
 
-    num_prompts: int = field(default=10, metadata={"help": "Number of prompt tokens per prompted layer."})
+    num_prompts: int = field(
+        default=10,
+        metadata={"help": "Prompt tokens per prompted layer; 0 trains only the head on frozen features (linear probe)."},
+    )
     deep: bool = field(default=True, metadata={"help": "Deep VPT (fresh prompts at every layer) or shallow."})
     prompt_layers: Optional[list[int]] = field(
         default=None,
@@ -49,7 +55,8 @@ class VPTConfig(PromptedConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = add_peft_type("VPT")
-        _check_positive("num_prompts", self.num_prompts)
+        if isinstance(self.num_prompts, bool) or not isinstance(self.num_prompts, int) or self.num_prompts < 0:
+            raise ValueError(f"num_prompts must be a non-negative integer, got {self.num_prompts!r}")
         if self.prompt_projection_dim is not None:
             _check_positive("prompt_projection_dim", self.prompt_projection_dim)
         if self.prompt_dropout is not None and not 0.0 <= self.prompt_dropout < 1.0:
