@@ -17,6 +17,7 @@ script asks Accelerate for the CPU when no GPU is present, which makes that a re
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -93,6 +94,13 @@ class TrainArguments:
     max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimiser steps."})
     learning_rate: float = field(default=1e-3)
     proxy_lr: Optional[float] = field(default=None, metadata={"help": "Default: 100 x learning_rate."})
+    backbone_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Also train the whole backbone at this learning rate (the full fine-tuning baseline; the "
+            "fine-tuned backbone is saved to <output_dir>/backbone). Default: the backbone stays frozen."
+        },
+    )
     weight_decay: float = field(default=0.0)
     warmup_ratio: float = field(default=0.1)
     max_grad_norm: float = field(default=1.0)
@@ -165,6 +173,7 @@ def run(argv=None):
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     set_seed(train_args.seed)
+    start_time = time.time()  # wall time of the whole job: SHIP's hierarchy fit counts as training
     output_dir = Path(train_args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
 
@@ -202,11 +211,20 @@ def run(argv=None):
         hierarchy = model.base_model.fit_hierarchy(fit_loader)
         logger.info("semantic levels %s", model.peft_config["default"].levels)
         del hierarchy
-    if accelerator.is_main_process:
-        model.print_trainable_parameters()
     optimizer = build_optimizer(
         model, lr=train_args.learning_rate, proxy_lr=train_args.proxy_lr, weight_decay=train_args.weight_decay
     )
+    if train_args.backbone_lr:
+        prefix = model.base_model.prefix  # adapter parameters carry it in their names
+        backbone_params = [p for n, p in model.base_model.model.named_parameters() if prefix not in n]
+        for p in backbone_params:
+            p.requires_grad_(True)
+        optimizer.add_param_group(
+            {"params": backbone_params, "lr": train_args.backbone_lr, "weight_decay": train_args.weight_decay,
+             "name": "backbone"}
+        )
+    if accelerator.is_main_process:
+        model.print_trainable_parameters()
     steps_per_epoch = math.ceil(len(loader) / train_args.gradient_accumulation_steps)
     total_steps = train_args.max_steps or steps_per_epoch * train_args.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -237,7 +255,7 @@ def run(argv=None):
         steps_per_epoch,
     )
     progress = tqdm(total=total_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
-    start_time, metrics, embedded = time.time(), None, None
+    metrics, embedded, eval_seconds, all_evals_seconds = None, None, None, 0.0
     for epoch in range(step // steps_per_epoch, num_epochs):
         model.train()
         done_in_epoch = (step - epoch * steps_per_epoch) * train_args.gradient_accumulation_steps
@@ -276,6 +294,7 @@ def run(argv=None):
                 break
         last_epoch = step >= total_steps or epoch == num_epochs - 1
         if last_epoch or (train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0):
+            eval_start = time.time()
             metrics, embedded = evaluate_retrieval(
                 model,
                 eval_splits,
@@ -285,6 +304,8 @@ def run(argv=None):
                 num_workers=data_args.num_workers,
                 return_embeddings=True,
             )
+            eval_seconds = time.time() - eval_start
+            all_evals_seconds += eval_seconds
             history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
             logger.info(format_metrics(metrics, prefix=f"epoch {epoch + 1} step {step}"))
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
@@ -295,18 +316,29 @@ def run(argv=None):
     # ---- save (last-epoch numbers; nothing is selected on the test split)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    parameters = unwrapped.base_model.get_parameter_counts()
+    if train_args.backbone_lr:  # the fine-tuned backbone is part of what is trained, stored and run
+        backbone_size = sum(p.numel() for p in unwrapped.get_base_model().parameters()) - parameters["stored"]
+        parameters = {k: v + backbone_size for k, v in parameters.items()}
     summary = {
         "method": model_args.method,
         "backbone": model_args.backbone,
+        "backbone_trained": bool(train_args.backbone_lr),
         "dataset": data_args.dataset,
+        "image_size": data_args.image_size,
+        "seed": train_args.seed,
         "steps": step,
-        "train_seconds": round(time.time() - start_time, 1),
+        "train_seconds": round(time.time() - start_time - all_evals_seconds, 1),
         "final_metrics": metrics,
-        "parameters": unwrapped.base_model.get_parameter_counts(),
+        "eval_images": sum(len(split) for split in eval_splits.values()),
+        "eval_seconds": round(eval_seconds, 1) if eval_seconds is not None else None,
+        "parameters": parameters,
         "history": history,
     }
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
+        if train_args.backbone_lr:
+            copy.deepcopy(unwrapped).unload().save_pretrained(output_dir / "backbone")
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         figures = save_figures(output_dir, history, eval_splits, embedded)
         if hasattr(unwrapped.base_model, "resample_images"):  # a pixel-space prompt (FRPT): show what it zooms into

@@ -4,6 +4,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Tests never touch the network: the Hub client must not try to reach huggingface.co.
@@ -62,6 +63,28 @@ def flowers_root(assets_dir, tmp_path_factory) -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(target, filter="data")
         done.touch()
+    return root
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A tiny ViT with its image processor, and an image folder of 8 colour-coded classes x 6 images."""
+    from PIL import Image
+    from tiny_models import tiny_model
+    from transformers import ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("train")
+    backbone = root / "backbone"
+    tiny_model("ViTModel").save_pretrained(backbone)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(backbone)
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        folder = root / "images" / f"class_{c}"
+        folder.mkdir(parents=True)
+        colour = rng.integers(0, 255, 3)
+        for i in range(6):
+            pixels = np.clip(colour + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
     return root
 
 

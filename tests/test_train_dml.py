@@ -16,8 +16,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import tiny_model
-from transformers import ViTImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_dml.py"
@@ -29,24 +27,6 @@ def load_script():
     sys.modules["train_dml"] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny ViT with its image processor, and an image folder of 8 colour-coded classes x 6 images."""
-    root = tmp_path_factory.mktemp("train")
-    backbone = root / "backbone"
-    tiny_model("ViTModel").save_pretrained(backbone)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(backbone)
-    rng = np.random.default_rng(0)
-    for c in range(8):
-        folder = root / "images" / f"class_{c}"
-        folder.mkdir(parents=True)
-        colour = rng.integers(0, 255, 3)
-        for i in range(6):
-            pixels = np.clip(colour + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    return root
 
 
 def args(workspace, output_dir, *extra):
