@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Retrieval quality of every method under one protocol: the table users pick a method from.
+
+    python benchmarks/retrieval.py --preset cpu --backbone facebook/dinov2-small --data_root data/flowers102
+
+Protocol (issue 8): Oxford Flowers-102, train on classes 1-51 (3,493 images), retrieval on classes 52-102
+(4,696 images, each a query against all the others); the same data pipeline, epochs, batch composition
+(``m_per_class`` images of each class), optimiser settings, seeds and evaluation for every row; last-epoch
+numbers, mean ± sample std over the seeds. Every training run is one ``examples/train_dml.py`` job, the frozen
+row one ``examples/evaluate.py`` job, so each number is reproducible with the command stored beside it.
+
+Honesty: the hyper-parameters below were fixed before any run of this benchmark and are the same for every
+row, except the full fine-tuning row's backbone learning rate (1e-5, the usual value for ViT metric learning,
+e.g. Hyp-ViT and HIER). Methods use their documented defaults (FRPT: the paper's mean-pooled head), nothing is
+selected on the test classes, and no row gets a longer budget.
+
+Presets:
+
+* ``cpu``: 70 px (5 x 5 patches of 14 px), 1 epoch: all rows x 3 seeds in about 90 minutes on 2 CPU cores.
+* ``gpu``: 224 px, 15 epochs (VPTSP-G's ViT-S recipe length), bf16 autocast.
+
+Resumable row by row: each finished (row, seed) writes ``<results_dir>/<preset>/<row>-seed<k>.json`` and is
+skipped next time; an interrupted training run continues from its last checkpoint. The Markdown table
+``<results_dir>/retrieval-<preset>.md`` is rebuilt from the JSON files at the end of every invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "examples" / "train_dml.py"
+EVAL_SCRIPT = ROOT / "examples" / "evaluate.py"
+
+PRESETS = {
+    "cpu": {"image_size": 70, "num_epochs": 1, "eval_batch_size": 64, "num_workers": 2, "mixed_precision": "no"},
+    "gpu": {"image_size": 224, "num_epochs": 15, "eval_batch_size": 256, "num_workers": 8, "mixed_precision": "bf16"},
+}
+# Shared by every trained row (fixed before the first run; see the module docstring).
+TRAINING = {
+    "embedding_dim": 512,
+    "m_per_class": 4,
+    "batch_size": 32,
+    "learning_rate": 1e-3,
+    "proxy_lr": 1e-2,
+    "warmup_ratio": 0.1,
+    "eval_every_epochs": 0,
+    "checkpointing_steps": 50,
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    method: str | None  # None: no training (the frozen backbone's own pooled output)
+    method_kwargs: dict = field(default_factory=dict)
+    train_args: dict = field(default_factory=dict)
+
+
+ROWS = {
+    "frozen": Row("Frozen backbone", None),
+    "linear_probe": Row("Linear probe (head only)", "vpt", {"num_prompts": 0}),
+    "full_finetune": Row("Full fine-tuning", "vpt", {"num_prompts": 0}, {"backbone_lr": 1e-5}),
+    "vpt_shallow": Row("VPT-shallow (10)", "vpt", {"num_prompts": 10, "deep": False}),
+    "vpt_deep": Row("VPT-deep (10)", "vpt", {"num_prompts": 10, "deep": True}),
+    "ship": Row("SHIP", "ship", {"level_prompt_tokens": 10, "hierarchy_images": 1000, "prototype_images": 1000}),
+    "semantic_proxy": Row("SemanticProxyVPT", "semantic_proxy", {"bitfit": False}),
+    "semantic_proxy_bitfit": Row("SemanticProxyVPT + BitFit", "semantic_proxy", {"bitfit": True}),
+    "frpt": Row("FRPT", "frpt", {}),
+}
+METRICS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
+           ("map@r", "MAP@R"), ("r_precision", "R-Prec")]  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--backbone", default="facebook/dinov2-small", help="Hub id or local path")
+    parser.add_argument("--dataset", default="flowers102")
+    parser.add_argument("--data_root", help="directory (or Hub id) of the data set")
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="default: all")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs"), help="adapters, checkpoints, logs")
+    parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
+    parser.add_argument("--force", action="store_true", help="re-run (row, seed) pairs that already have results")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--extra_train_args", default="", help="appended to every train_dml.py command (e.g. '--max_steps 2' in tests)"
+    )
+    return parser.parse_args(argv)
+
+
+def train_command(args, row: Row, seed: int, out: Path) -> list[str]:
+    preset = PRESETS[args.preset]
+    values = {
+        **TRAINING,
+        **preset,
+        **row.train_args,
+        "method": row.method,
+        "method_kwargs": json.dumps(row.method_kwargs),
+        "backbone": args.backbone,
+        "dataset": args.dataset,
+        "seed": seed,
+        "output_dir": str(out),
+        "resume_from_checkpoint": "latest",  # no-op on a fresh run; continues an interrupted one
+    }
+    if args.data_root:
+        values["data_root"] = args.data_root
+    if args.no_check_counts:
+        values["check_counts"] = "false"
+    command = [sys.executable, str(TRAIN_SCRIPT)]
+    for key, value in values.items():
+        command += [f"--{key}", str(value)]
+    return command + shlex.split(args.extra_train_args)
+
+
+def eval_command(args, out: Path) -> list[str]:
+    preset = PRESETS[args.preset]
+    command = [sys.executable, str(EVAL_SCRIPT), "--backbone", args.backbone, "--dataset", args.dataset]
+    command += ["--image_size", str(preset["image_size"]), "--batch_size", str(preset["eval_batch_size"])]
+    command += ["--num_workers", str(preset["num_workers"]), "--output", str(out / "results.json")]
+    if args.data_root:
+        command += ["--data_root", args.data_root]
+    if args.no_check_counts:
+        command.append("--no_check_counts")
+    return command
+
+
+def machine() -> str:
+    if _cuda_name():
+        return f"{_cuda_name()}, {os.cpu_count()} CPU cores"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} CPU cores, no GPU"
+
+
+def _cuda_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
+    """One (row, seed) job in a child process (memory returns to the OS, a crash loses one row); its log
+    goes to ``<work_dir>/<preset>/<row>-seed<k>/log.txt``."""
+    row = ROWS[name]
+    out = Path(args.work_dir) / args.preset / result_path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    command = train_command(args, row, seed, out) if row.method else eval_command(args, out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(out / "log.txt", "a") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if code != 0:
+        raise RuntimeError(f"{name} seed {seed} failed (exit {code}); see {out / 'log.txt'}")
+    raw = json.loads((out / "results.json").read_text())
+    if row.method:
+        metrics, params = raw["final_metrics"], raw["parameters"]
+        train_seconds, eval_images, eval_seconds = raw["train_seconds"], raw["eval_images"], raw["eval_seconds"]
+    else:
+        metrics, params = raw["metrics"], {"trainable": 0, "stored": 0, "inference": 0}
+        train_seconds, eval_images, eval_seconds = 0.0, sum(raw["num_images"].values()), raw["seconds"]
+    result = {
+        "row": name,
+        "label": row.label,
+        "seed": seed,
+        "preset": args.preset,
+        "settings": {**PRESETS[args.preset], **(TRAINING if row.method else {}), **row.train_args},
+        "method": row.method,
+        "method_kwargs": row.method_kwargs,
+        "backbone": args.backbone,
+        "dataset": args.dataset,
+        "metrics": metrics,
+        "parameters": params,
+        "train_seconds": train_seconds,
+        "inference_images_per_second": round(eval_images / eval_seconds, 1),
+        "machine": machine(),
+        # the command with the machine's paths made relative, so the record is portable
+        "command": " ".join(shlex.quote(_portable(c)) for c in command),
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(result_path)  # atomic: a half-written file never counts as done
+    return result
+
+
+def _portable(arg: str) -> str:
+    if arg == sys.executable:
+        return "python"
+    try:
+        return str(Path(arg).resolve().relative_to(ROOT)) if os.path.isabs(arg) else arg
+    except ValueError:
+        return "<path>" if os.path.isabs(arg) else arg
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _count(n: float) -> str:
+    return "0" if n == 0 else f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
+
+
+def render_table(results: list[dict], preset: str) -> str:
+    """Markdown: one line per row (in ROWS order), metrics in percent as mean ± std over the seeds."""
+    by_row: dict[str, list[dict]] = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r)
+    head = ["Method", "seeds", *[label for _, label in METRICS], "trainable", "stored", "inference",
+            "train min", "img/s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in [n for n in ROWS if n in by_row]:
+        runs = sorted(by_row[name], key=lambda r: (r["seed"] is None, r["seed"]))
+        cells = [ROWS[name].label, ",".join("-" if r["seed"] is None else str(r["seed"]) for r in runs)]
+        for key, _ in METRICS:
+            mean, std = mean_std([100 * r["metrics"][key] for r in runs])
+            cells.append(f"{mean:.2f} ± {std:.2f}")
+        cells += [_count(runs[0]["parameters"][k]) for k in ("trainable", "stored", "inference")]
+        cells.append(f"{statistics.fmean(r['train_seconds'] for r in runs) / 60:.1f}")
+        cells.append(f"{statistics.fmean(r['inference_images_per_second'] for r in runs):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    first = results[0]
+    settings = PRESETS[preset]
+    notes = [
+        f"Preset `{preset}`: {settings['image_size']} px, {settings['num_epochs']} epoch(s), batch "
+        f"{TRAINING['batch_size']} ({TRAINING['m_per_class']} images per class), lr {TRAINING['learning_rate']}, "
+        f"proxy lr {TRAINING['proxy_lr']}; backbone `{first['backbone']}`, data set `{first['dataset']}`.",
+        f"Machine: {first['machine']}.",
+        "Metrics in %, mean ± sample std over seeds (the frozen row has no randomness: one run). Parameters: "
+        "trainable / stored in the adapter file / needed at inference (proxies and training-only branches are "
+        "stored, not run); full fine-tuning counts the whole backbone. Train min: wall time of the job without "
+        "evaluation. img/s: the final evaluation pass end to end (decoding, forward, search).",
+    ]
+    return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    results_dir = Path(args.results_dir) / args.preset
+    # seed-major: a complete table (one seed) comes first, then the repeats
+    jobs = [(name, None if ROWS[name].method is None else seed) for seed in args.seeds for name in args.rows]
+    jobs = list(dict.fromkeys(jobs))  # the frozen row runs once, whatever the seeds
+    path = {job: results_dir / (job[0] if job[1] is None else f"{job[0]}-seed{job[1]}") for job in jobs}
+    path = {job: p.with_suffix(".json") for job, p in path.items()}
+    todo = [job for job in jobs if args.force or not path[job].is_file()]
+    if args.dry_run:
+        for name, seed in todo:
+            out = Path(args.work_dir) / args.preset / path[(name, seed)].stem
+            command = train_command(args, ROWS[name], seed, out) if ROWS[name].method else eval_command(args, out)
+            print(shlex.join(command))
+        return []
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)}")
+    progress = tqdm(todo, desc="retrieval benchmark", unit="run")
+    for name, seed in progress:
+        progress.set_postfix(row=name, seed=seed)
+        start = time.time()
+        result = run_one(args, name, seed, path[(name, seed)])
+        tqdm.write(f"{name} seed {seed}: R@1 {100 * result['metrics']['recall@1']:.2f} ({time.time() - start:.0f} s)")
+
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    if results:
+        table = render_table(results, args.preset)
+        (Path(args.results_dir) / f"retrieval-{args.preset}.md").write_text(table)
+        print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

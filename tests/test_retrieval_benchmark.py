@@ -1,0 +1,120 @@
+"""benchmarks/retrieval.py on a tiny backbone and image folder: the rows it trains are what they claim to be,
+the table is computed from the per-run records, finished runs are skipped."""
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ViTModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("retrieval_benchmark", ROOT / "benchmarks" / "retrieval.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["retrieval_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench(workspace, tmp_path_factory):
+    """Four rows x two seeds (the frozen row once), two optimiser steps each at the tiny backbone's 32 px."""
+    module = load_benchmark()
+    module.PRESETS["cpu"] = {**module.PRESETS["cpu"], "image_size": 32, "eval_batch_size": 16, "num_workers": 0}
+    module.TRAINING.update(embedding_dim=16, m_per_class=2, batch_size=4, learning_rate=0.01)
+    root = tmp_path_factory.mktemp("bench")
+    argv = ["--backbone", str(workspace / "backbone"), "--dataset", "imagefolder",
+            "--data_root", str(workspace / "images"), "--no_check_counts", "--results_dir", str(root / "results"),
+            "--work_dir", str(root / "runs"), "--extra_train_args", "--max_steps 2"]  # fmt: skip
+    results = module.main(argv + ["--rows", "frozen", "linear_probe", "full_finetune", "vpt_deep", "--seeds", "0", "1"])
+    return module, root, argv, results
+
+
+def test_one_record_per_run_and_the_frozen_row_once(bench):
+    _, root, _, results = bench
+    names = sorted(p.name for p in (root / "results" / "cpu").glob("*.json"))
+    assert names == ["frozen.json"] + [f"{r}-seed{s}.json" for r in ("full_finetune", "linear_probe", "vpt_deep")
+                                       for s in (0, 1)]  # fmt: skip
+    assert len(results) == 7
+    for r in results:
+        assert set(r["metrics"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"}
+        assert r["inference_images_per_second"] > 0
+        assert str(root) not in r["command"]  # records carry no machine paths
+
+
+def test_frozen_row_is_the_bare_backbone(bench, workspace):
+    from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, with_rgb_images
+    from prompt_peft.training import evaluate_retrieval
+    from transformers import AutoImageProcessor
+
+    _, root, _, results = bench
+    frozen = next(r for r in results if r["row"] == "frozen")
+    splits = with_rgb_images(load_retrieval_dataset("imagefolder", str(workspace / "images"), check_counts=False))
+    processor = AutoImageProcessor.from_pretrained(workspace / "backbone")
+    expected = evaluate_retrieval(
+        ViTModel.from_pretrained(workspace / "backbone").eval(),
+        {k: v for k, v in splits.items() if k != "train"},
+        make_collate_fn(eval_transform(processor, 32)),
+        batch_size=16,
+    )
+    assert frozen["metrics"] == pytest.approx(expected)
+    assert frozen["parameters"] == {"trainable": 0, "stored": 0, "inference": 0}
+
+
+def test_linear_probe_trains_only_the_head_and_full_finetuning_the_backbone(bench, workspace):
+    _, root, _, results = bench
+    backbone = ViTModel.from_pretrained(workspace / "backbone")
+    backbone_size = sum(p.numel() for p in backbone.parameters())
+    probe = next(r for r in results if r["row"] == "linear_probe")
+    finetune = next(r for r in results if r["row"] == "full_finetune")
+    head = probe["parameters"]["trainable"]
+    assert 0 < head < backbone_size
+    assert finetune["parameters"]["trainable"] == backbone_size + head
+
+    probe_keys = load_file(root / "runs" / "cpu" / "linear_probe-seed0" / "adapter" / "adapter_model.safetensors")
+    assert probe_keys and not any("prompt" in k for k in probe_keys)
+    tuned = ViTModel.from_pretrained(root / "runs" / "cpu" / "full_finetune-seed0" / "backbone").state_dict()
+    original = backbone.state_dict()
+    assert tuned.keys() == original.keys()
+    changed = [k for k in original if not torch.equal(tuned[k], original[k])]
+    assert len(changed) > len(original) // 2  # the backbone itself was trained
+
+
+def test_table_is_computed_from_the_records(bench):
+    module, root, _, results = bench
+    table = (root / "results" / "retrieval-cpu.md").read_text()
+    deep = [r for r in results if r["row"] == "vpt_deep"]
+    r1 = [100 * r["metrics"]["recall@1"] for r in deep]
+    line = next(line for line in table.splitlines() if line.startswith("| VPT-deep (10)"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "0,1"
+    assert cells[2] == f"{statistics.fmean(r1):.2f} ± {statistics.stdev(r1):.2f}"
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:6]] == [
+        "Frozen backbone", "Linear probe (head only)", "Full fine-tuning", "VPT-deep (10)"]  # fmt: skip
+
+
+def test_finished_runs_are_skipped_and_missing_ones_rerun(bench, capsys):
+    module, root, argv, _ = bench
+    record = root / "results" / "cpu" / "vpt_deep-seed1.json"
+    kept = root / "results" / "cpu" / "vpt_deep-seed0.json"
+    before = kept.stat().st_mtime_ns
+    record.unlink()
+    module.main(argv + ["--rows", "vpt_deep", "--seeds", "0", "1"])
+    assert "1 of 2 runs already done; running 1" in capsys.readouterr().out
+    assert record.is_file() and kept.stat().st_mtime_ns == before
+    assert json.loads(record.read_text())["seed"] == 1
+
+
+def test_a_failing_run_names_its_log(bench, tmp_path):
+    module, _, argv, _ = bench
+    bad = [a if a != "--max_steps 2" else "--not_an_option 1" for a in argv]
+    bad[bad.index("--results_dir") + 1] = str(tmp_path)
+    with pytest.raises(RuntimeError, match=r"linear_probe seed 0 failed .*log\.txt"):
+        module.main(bad + ["--rows", "linear_probe", "--seeds", "0"])
