@@ -102,7 +102,10 @@ def test_killed_run_resumes_to_the_same_adapter(workspace, tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_two_process_ddp_ends_with_identical_replicas(workspace, tmp_path):
+@pytest.mark.parametrize("method", ["vpt", "semantic_proxy"])
+def test_two_process_ddp_ends_with_identical_replicas(workspace, tmp_path, method):
+    """Replicas agree, VPTSP-G's running proxies (state, not parameters) included: they fold in the gathered
+    global batch on every process."""
     wrapper = tmp_path / "ddp_run.py"
     wrapper.write_text(textwrap.dedent(f"""
         import importlib.util, sys, torch
@@ -113,17 +116,21 @@ def test_two_process_ddp_ends_with_identical_replicas(workspace, tmp_path):
         summary, model = module.run(sys.argv[1:])
         state = PartialState()
         weights = {{n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
+        weights.update({{n: b.detach().cpu() for n, b in model.named_buffers() if "semantic_proxies" in n}})
         torch.save({{"world": state.num_processes, "weights": weights}}, {str(tmp_path)!r} + f"/rank{{state.process_index}}.pt")
     """))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(wrapper)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(launcher + args(workspace, tmp_path / "out", "--max_steps", "3", "--eval_every_epochs", "0"),
+    extra = ["--method", method] + (["--method_kwargs", '{"num_prompts": 2, "num_class_prompts": 2}'] if method != "vpt" else [])
+    result = subprocess.run(launcher + args(workspace, tmp_path / "out", "--max_steps", "3", "--eval_every_epochs", "0", *extra),
                             capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
+    if method == "semantic_proxy":
+        assert any("semantic_proxies" in k for k in ranks[0]["weights"])
     for key in ranks[0]["weights"]:
         assert torch.equal(ranks[0]["weights"][key], ranks[1]["weights"][key]), key
 

@@ -58,8 +58,9 @@ class SemanticProxyVPTConfig(PromptedConfig):
     sparse_class_prompts: bool = field(
         default=True,
         metadata={
-            "help": "Sparse gradients for the class prompts (only the batch's rows). Turn off under multi-GPU DDP "
-            "with NCCL, which has no sparse all-reduce; the optimiser still updates only touched rows."
+            "help": "Sparse gradients for the class prompts (only the batch's rows). Under an NCCL process group, "
+            "which has no sparse all-reduce, lookups give dense gradients instead; the optimiser still updates "
+            "only the touched rows either way."
         },
     )
     bitfit: bool = field(default=True, metadata={"help": "Train the backbone's bias terms (as adapter deltas)."})

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ...distributed import gather_across_processes, sparse_gradients_supported
 from ...losses import proxy_anchor_loss
 from ..prompted import _BLOCKS_PATH_ATTR, EmbeddingHead, PromptedBlock, PromptedTuner, _refuse_attention_mask
 from .config import SemanticProxyVPTConfig
@@ -118,7 +119,9 @@ class SemanticProxyBlock(PromptedBlock):
         if shared is not None and (labels is None or self.vptsp_config[adapter].class_prompt_mode != "class_only"):
             parts.append(shared.to(dtype).unsqueeze(0).expand(batch, -1, -1))
         if labels is not None and adapter in self.vptsp_class_prompt:
-            rows = self.vptsp_class_prompt[adapter](labels)  # only these rows get a gradient
+            table = self.vptsp_class_prompt[adapter]
+            # only these rows get a gradient; sparse where the process group can all-reduce it (not NCCL)
+            rows = F.embedding(labels, table.weight, sparse=table.sparse and sparse_gradients_supported())
             parts.append(rows.view(batch, -1, self.hidden_size).to(dtype))
         return torch.cat(parts, dim=1) if parts else None
 
@@ -210,7 +213,9 @@ class SemanticProxyHead(EmbeddingHead):
         candidates, self._candidates = self._candidates, None
         semantic = self.vptsp_semantic_proxies[adapter]
         if candidates is not None:
-            semantic = self.update_semantic_proxies(adapter, candidates, labels)
+            # Under DDP every process folds in the whole global batch, so the tables stay identical everywhere.
+            all_labels = gather_across_processes(labels.to(candidates.device))
+            semantic = self.update_semantic_proxies(adapter, gather_across_processes(candidates), all_labels)
         proxies = mix_proxies(self.proxies[adapter], semantic, config.proxy_bias_ratio)
         return proxy_anchor_loss(
             embeddings,
