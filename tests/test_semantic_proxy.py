@@ -428,3 +428,33 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     for key, value in fresh.state_dict().items():
         if "vptsp_" in key:
             assert torch.equal(value, state[key]), key
+
+
+# Backbone biases that never reach the embedding: ViT's pooler (our head reads the final norm's [CLS]).
+UNUSED_BIASES = {"ViTModel": ("pooler.",)}
+
+
+@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model", "CLIPVisionModel", "SiglipVisionModel"])
+def test_bitfit_has_a_delta_for_every_bias_on_the_embedding_path(name):
+    base = tiny_model(name)
+    expected = sum(
+        p.numel() for n, p in base.named_parameters()
+        if n.endswith("bias") and not n.startswith(UNUSED_BIASES.get(name, ()))
+    )  # fmt: skip
+    model = get_peft_model(base, config())
+    deltas = sum(p.numel() for n, p in model.named_parameters() if any(k in n for k in ("bitfit", "_bias.")))
+    assert deltas == expected
+
+
+@pytest.mark.parametrize("name, norm", [("CLIPVisionModel", "pre_layrnorm"), ("SiglipVisionModel", "post_layernorm")])
+def test_norm_bias_delta_is_that_norms_bias_moved(name, norm):
+    """The delta of a LayerNorm outside every wrapper equals editing that LayerNorm's bias in the backbone."""
+    model = wrapped(name=name)
+    delta = next(p for n, p in model.named_parameters() if "norm_bias" in n)
+    assert delta.abs().sum() > 0  # trained (perturbed)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels()).embeddings
+        getattr(model.base_model.model, norm).bias += delta
+        delta.zero_()
+        moved = model(pixel_values=pixels()).embeddings
+    torch.testing.assert_close(moved, expected)

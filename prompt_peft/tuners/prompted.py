@@ -273,6 +273,7 @@ class EmbeddingHead(nn.Module, PromptedLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, spec: BackboneSpec):
         super().__init__()
         self._init_wrapper(base_layer)
+        self.spec = spec
         self.pool = spec.pool
         self.hidden_size = spec.hidden_size
         self.add_module(self.prefix + "head_norm", nn.ModuleDict())

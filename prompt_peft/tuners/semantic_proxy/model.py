@@ -4,11 +4,13 @@ Where the state lives (all in the wrappers, so transformers' ``load_adapter`` wo
 
 * each block: ``vptsp_prompt`` (shared prompts ``(n_i, D)``), ``vptsp_class_prompt`` (an ``nn.Embedding`` of
   ``C`` rows of ``m_i * D``: looked up by label, sparse gradients), ``vptsp_bitfit`` (the block's bias deltas),
-  block 0 also ``vptsp_patch_bias`` (the patch-embedding bias delta, added to the patch tokens it receives);
+  block 0 also ``vptsp_patch_bias`` (the patch-embedding bias delta, added to the patch tokens it receives) and,
+  for CLIP, ``vptsp_norm_bias`` (the delta of ``pre_layrnorm``'s bias);
 * the head (the final-norm wrapper): the sample head (``vptsp_head_norm`` / ``vptsp_head_proj``), the proxy
   head (``vptsp_semantic_head_norm`` / ``..._proj``), the integration cell ``vptsp_semantic_gru``, the proxy bias
   ``vptsp_proxies`` ``(C, E)``, the final norm's bias delta and the running semantic proxies
-  ``vptsp_semantic_proxies`` (a persistent buffer: state, not a parameter).
+  ``vptsp_semantic_proxies`` (a persistent buffer: state, not a parameter); for SigLIP, ``vptsp_norm_bias`` (the
+  delta of ``post_layernorm``'s bias, which sits between the last block and the wrapped pooling head).
 
 Two passes per training step. ``model(pixel_values, labels)`` runs the sample branch as any prompt_peft model;
 the tuner's output hook then calls :meth:`SemanticProxyHead.extra_pass`, which runs the backbone's ``forward``
@@ -63,8 +65,26 @@ class BiasDelta(nn.Module):
         return functional_call(module, overrides, args, kwargs)
 
 
+class NormBiasDelta(nn.Module):
+    """The trainable delta of the bias of a LayerNorm that no wrapper runs (CLIP's ``pre_layrnorm`` before block 0,
+    SigLIP's ``post_layernorm`` before the pooling head): added to that norm's output, which is exactly
+    ``LayerNorm`` with ``bias + delta``."""
+
+    def __init__(self, dim: int, device=None):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.delta.to(x.dtype)
+
+
+# Family -> where a backbone LayerNorm sits outside every wrapped module, so BitFit covers it with a NormBiasDelta.
+UNWRAPPED_NORM = {"clip": "before_blocks", "siglip": "before_head"}
+
+
 def bias_names(module: nn.Module) -> list[str]:
-    return [name for name, _ in module.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    # "bias", and nn.MultiheadAttention's "in_proj_bias" (SigLIP's pooling head)
+    return [name for name, _ in module.named_parameters() if name.rsplit(".", 1)[-1].endswith("bias")]
 
 
 def _run(bitfit: nn.ModuleDict, adapter: str, module: nn.Module, *args: Any, **kwargs: Any):
@@ -81,7 +101,7 @@ class SemanticProxyBlock(PromptedBlock):
 
     prefix = PREFIX
     extra_adapter_layers = ("patch_bias",)
-    extra_adapter_modules = ("class_prompt", "bitfit")
+    extra_adapter_modules = ("class_prompt", "bitfit", "norm_bias")
     extra_other_param_names = ("vptsp_config",)
     training_only_suffixes = ("class_prompt",)
 
@@ -104,6 +124,8 @@ class SemanticProxyBlock(PromptedBlock):
             self.vptsp_bitfit[adapter_name] = BiasDelta(self.base_layer, device=device)
             if self.index == 0 and self.spec.family != "clip":  # CLIP's patch conv has no bias
                 self.vptsp_patch_bias[adapter_name] = nn.Parameter(torch.zeros(dim, device=device))
+            if self.index == 0 and UNWRAPPED_NORM.get(self.spec.family) == "before_blocks":
+                self.vptsp_norm_bias[adapter_name] = NormBiasDelta(dim, device=device)
         self.set_adapter(self.active_adapters)
 
     def init_prompts(self, config: SemanticProxyVPTConfig, n: int) -> torch.Tensor:
@@ -134,6 +156,8 @@ class SemanticProxyBlock(PromptedBlock):
             prefix = self.spec.num_prefix_tokens
             delta = self.vptsp_patch_bias[adapter].to(hidden_states.dtype)
             hidden_states = torch.cat([hidden_states[:, :prefix], hidden_states[:, prefix:] + delta], dim=1)
+        if adapter in self.vptsp_norm_bias:
+            hidden_states = self.vptsp_norm_bias[adapter](hidden_states)
         prompts = self.branch_prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
         if prompts is not None:
             hidden_states = torch.cat([hidden_states, prompts], dim=1)
@@ -148,7 +172,7 @@ class SemanticProxyHead(EmbeddingHead):
     """The final-norm wrapper: sample embedding, and in the proxy branch the semantic candidates and the loss."""
 
     prefix = PREFIX
-    extra_adapter_layers = ("semantic_head_norm", "semantic_head_proj", "semantic_gru", "bitfit")
+    extra_adapter_layers = ("semantic_head_norm", "semantic_head_proj", "semantic_gru", "bitfit", "norm_bias")
     extra_buffers = ("semantic_proxies",)
     training_only_suffixes = ("proxies", "semantic_head_norm", "semantic_head_proj", "semantic_gru")
 
@@ -163,6 +187,9 @@ class SemanticProxyHead(EmbeddingHead):
         _xavier_head(self.head_proj[adapter_name])
         if config.bitfit:
             self.vptsp_bitfit[adapter_name] = BiasDelta(self.base_layer, device=device)
+            # SigLIP's pooling head reads post_layernorm's output (with use_head=False this wrapper *is* that norm)
+            if UNWRAPPED_NORM.get(self.spec.family) == "before_head" and self.spec.pool_module.endswith("head"):
+                self.vptsp_norm_bias[adapter_name] = NormBiasDelta(dim, device=device)
         if config.num_classes:
             with torch.no_grad():  # the code: xavier-uniform, then / 8
                 self.proxies[adapter_name].copy_(nn.init.xavier_uniform_(torch.empty(config.num_classes, emb)) / 8)
@@ -178,6 +205,8 @@ class SemanticProxyHead(EmbeddingHead):
         adapter = self.running_adapter()
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
+        if adapter in self.vptsp_norm_bias:
+            x = self.vptsp_norm_bias[adapter](x)
         out = _run(self.vptsp_bitfit, adapter, self.base_layer, x, *args, **kwargs)
         pooled = self.pooled(out)
         if self._proxy_labels is not None:
