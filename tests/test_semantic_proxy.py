@@ -233,7 +233,7 @@ def test_config_errors_are_clear():
 # ---------------------------------------------------------------------------------------------------- BitFit, disable
 
 
-@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model", "CLIPVisionModel"])
+@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model", "CLIPVisionModel", "SiglipVisionModel"])
 def test_disable_and_unload_give_the_bare_backbone_with_trained_bitfit(name):
     base = tiny_model(name)
     with torch.no_grad():
