@@ -45,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import sysconfig
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +65,19 @@ __all__ = [
     "render_model_card",
 ]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "adapter_card.md"
+TEMPLATE_NAME = "adapter_card.md"
+
+
+def _default_template() -> Path:
+    """``model_cards/adapter_card.md`` of the checkout (source and editable installs), else the copy a wheel
+    installs as data under ``<prefix>/share/prompt_peft/model_cards/`` (setup.cfg ``data_files``)."""
+    checkout = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+    if checkout.is_file():
+        return checkout
+    return Path(sysconfig.get_path("data")) / "share" / "prompt_peft" / "model_cards" / TEMPLATE_NAME
+
+
+DEFAULT_TEMPLATE = _default_template()
 PIPELINE_TAG = "image-feature-extraction"  # the Hub's task list has no "image-retrieval"
 TASK_NAME = "Image Retrieval"
 BASE_TAGS = ("prompt_peft", "peft", "image-retrieval", "image-feature-extraction")

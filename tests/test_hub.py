@@ -273,3 +273,20 @@ def test_push_requires_hub_id_for_local_base(base_dir):
         push_adapter_to_hub(model, ADAPTER_ID)  # fails before any network call
     with pytest.raises(ValueError, match="local path"):
         push_adapter_to_hub(model, ADAPTER_ID, base_model_id=str(base_dir))
+
+
+def test_non_editable_installs_carry_the_card_template():
+    """A wheel installs model_cards/adapter_card.md under <prefix>/share/prompt_peft/model_cards (checked by hand
+    with `pip wheel .`); setup.cfg must keep listing it where hub.py looks for it."""
+    import configparser
+    from pathlib import Path
+
+    from prompt_peft import hub
+
+    root = Path(__file__).resolve().parents[1]
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    files = dict(setup["options.data_files"])
+    assert files["share/prompt_peft/model_cards"].strip() == "model_cards/adapter_card.md"
+    assert (root / "model_cards" / hub.TEMPLATE_NAME).is_file()
+    assert hub.DEFAULT_TEMPLATE == root / "model_cards" / hub.TEMPLATE_NAME  # the checkout's copy wins here
