@@ -183,7 +183,7 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
         "settings": {**PRESETS[args.preset], **(TRAINING if row.method else {}), **row.train_args},
         "method": row.method,
         "method_kwargs": row.method_kwargs,
-        "backbone": args.backbone,
+        "backbone": _portable(args.backbone),
         "dataset": args.dataset,
         "metrics": metrics,
         "parameters": params,
@@ -201,12 +201,14 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
 
 
 def _portable(arg: str) -> str:
+    """``arg`` without this machine's layout: the interpreter is ``python``, paths in the checkout are relative
+    to it, other local paths become ``<local>/<name>`` (Hub ids and options are kept)."""
     if arg == sys.executable:
         return "python"
-    try:
-        return str(Path(arg).resolve().relative_to(ROOT)) if os.path.isabs(arg) else arg
-    except ValueError:
-        return "<path>" if os.path.isabs(arg) else arg
+    if arg.startswith("-") or not (os.path.isabs(arg) or os.path.exists(arg)):
+        return arg
+    path = Path(arg).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"<local>/{path.name}"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
