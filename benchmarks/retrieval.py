@@ -97,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
     parser.add_argument("--force", action="store_true", help="re-run (row, seed) pairs that already have results")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    parser.add_argument("--table_only", action="store_true", help="rebuild the Markdown table from the records")
     parser.add_argument(
         "--extra_train_args", default="", help="appended to every train_dml.py command (e.g. '--max_steps 2' in tests)"
     )
@@ -234,7 +235,7 @@ def render_table(results: list[dict], preset: str) -> str:
         cells = [ROWS[name].label, ",".join("-" if r["seed"] is None else str(r["seed"]) for r in runs)]
         for key, _ in METRICS:
             mean, std = mean_std([100 * r["metrics"][key] for r in runs])
-            cells.append(f"{mean:.2f} ± {std:.2f}")
+            cells.append(f"{mean:.2f} ± {std:.2f}" if len(runs) > 1 else f"{mean:.2f}")
         cells += [_count(runs[0]["parameters"][k]) for k in ("trainable", "stored", "inference")]
         cells.append(f"{statistics.fmean(r['train_seconds'] for r in runs) / 60:.1f}")
         cells.append(f"{statistics.fmean(r['inference_images_per_second'] for r in runs):.0f}")
@@ -246,7 +247,8 @@ def render_table(results: list[dict], preset: str) -> str:
         f"{TRAINING['batch_size']} ({TRAINING['m_per_class']} images per class), lr {TRAINING['learning_rate']}, "
         f"proxy lr {TRAINING['proxy_lr']}; backbone `{first['backbone']}`, data set `{first['dataset']}`.",
         f"Machine: {first['machine']}.",
-        "Metrics in %, mean ± sample std over seeds (the frozen row has no randomness: one run). Parameters: "
+        "Metrics in %, mean ± sample std over the seeds listed (one seed: that run; the frozen row has no "
+        "randomness: one run). Parameters: "
         "trainable / stored in the adapter file / needed at inference (proxies and training-only branches are "
         "stored, not run); full fine-tuning counts the whole backbone. Train min: wall time of the job without "
         "evaluation. img/s: the final evaluation pass end to end (decoding, forward, search).",
@@ -262,14 +264,15 @@ def main(argv=None) -> list[dict]:
     jobs = list(dict.fromkeys(jobs))  # the frozen row runs once, whatever the seeds
     path = {job: results_dir / (job[0] if job[1] is None else f"{job[0]}-seed{job[1]}") for job in jobs}
     path = {job: p.with_suffix(".json") for job, p in path.items()}
-    todo = [job for job in jobs if args.force or not path[job].is_file()]
+    todo = [] if args.table_only else [job for job in jobs if args.force or not path[job].is_file()]
     if args.dry_run:
         for name, seed in todo:
             out = Path(args.work_dir) / args.preset / path[(name, seed)].stem
             command = train_command(args, ROWS[name], seed, out) if ROWS[name].method else eval_command(args, out)
             print(shlex.join(command))
         return []
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)}")
+    if not args.table_only:
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)}")
     progress = tqdm(todo, desc="retrieval benchmark", unit="run")
     for name, seed in progress:
         progress.set_postfix(row=name, seed=seed)
