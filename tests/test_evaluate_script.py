@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from test_train_dml import workspace  # noqa: F401  (the tiny backbone + image folder fixture)
 from transformers import ViTImageProcessor, ViTModel
 
 from prompt_peft import VPTConfig
@@ -33,7 +32,7 @@ def reference(model, root, backbone):
 
 
 @pytest.mark.parametrize("with_adapter", [False, True])
-def test_evaluate_script(workspace, tmp_path, capsys, with_adapter):  # noqa: F811
+def test_evaluate_script(workspace, tmp_path, capsys, with_adapter):
     backbone, images = workspace / "backbone", workspace / "images"
     argv = ["--backbone", str(backbone), "--dataset", "imagefolder", "--data_root", str(images),
             "--no_check_counts", "--batch_size", "5", "--num_workers", "0", "--output", str(tmp_path / "m.json")]
