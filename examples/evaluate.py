@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         "dataset": args.dataset,
         "image_size": args.image_size,
         "num_images": {k: len(v) for k, v in eval_splits.items()},
-        "seconds": round(time.time() - start, 1),
+        "seconds": round(time.time() - start, 3),
         "metrics": metrics,
     }
     if accelerator.is_main_process:

@@ -331,7 +331,7 @@ def run(argv=None):
         "train_seconds": round(time.time() - start_time - all_evals_seconds, 1),
         "final_metrics": metrics,
         "eval_images": sum(len(split) for split in eval_splits.values()),
-        "eval_seconds": round(eval_seconds, 1) if eval_seconds is not None else None,
+        "eval_seconds": round(eval_seconds, 3) if eval_seconds is not None else None,
         "parameters": parameters,
         "history": history,
     }
