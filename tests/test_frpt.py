@@ -22,6 +22,7 @@ from prompt_peft.tuners.frpt import (
     sampling_grid,
     token_statistics,
 )
+from prompt_peft.tuners.frpt.model import same_conv_to_one_channel
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),  # huggingface_hub
@@ -35,8 +36,6 @@ SIGMA = 5  # the smallest odd number >= the grid width
 # Float32 grid error (< 1e-5, normalised) times the pixel span ((W-1)/2 < 20 px) times the steepest step between
 # neighbours of a randn image (< 8): the interpolation error allowed for an identity re-sampling.
 IDENTITY_ATOL = 2e-3
-
-
 
 
 def config(**kw):
@@ -174,12 +173,16 @@ def test_vit_b_parameter_counts_follow_the_formulas():
     assert (parser, cah) == (172_800, 147_456)  # methods.md §4.7: ~173K and 147,456 for D = 768
     inference, training = head_parameters(100, 768, 128)
     counts = model.base_model.get_parameter_counts()
-    assert counts == {"trainable": parser + cah + inference + training, "stored": parser + cah + inference + training,
-                      "inference": parser + cah + inference}
+    assert counts == {
+        "trainable": parser + cah + inference + training,
+        "stored": parser + cah + inference + training,
+        "inference": parser + cah + inference,
+    }
     with torch.device("meta"):
         vit_b = ViTModel(ViTConfig(), add_pooling_layer=False)
-    code = get_peft_model(vit_b, FRPTConfig(num_classes=100, embedding_dim=128, parser="pointwise",
-                                            train_gaussian=True, cah_reduction=1))
+    code = get_peft_model(
+        vit_b, FRPTConfig(num_classes=100, embedding_dim=128, parser="pointwise", train_gaussian=True, cah_reduction=1)
+    )
     # the code's sampler: 1x1 conv (D + 1) and the 61 x 61 Gaussian (3,721); MAM with r = 1: 2 D^2
     assert code.base_model.get_parameter_counts()["inference"] == 769 + 3721 + 2 * 768 * 768 + inference
 
@@ -197,7 +200,11 @@ def test_trainable_parameters_shapes_and_outputs(name):
     assert sorted(s for n, s in shapes.items() if "frpt_classifier" in n) == [(CLASSES,), (CLASSES, D)]
     inference, training = head_parameters()
     total = SIGMA**2 * D + 2 * D * (D // 8) + inference + training
-    assert model.base_model.get_parameter_counts() == {"trainable": total, "stored": total, "inference": total - training}
+    assert model.base_model.get_parameter_counts() == {
+        "trainable": total,
+        "stored": total,
+        "inference": total - training,
+    }
 
     out = model(pixel_values=pixels())
     assert type(out) is type(bare)
@@ -221,6 +228,21 @@ def test_config_errors_are_clear():
         get_peft_model(tiny_model("ViTModel"), config(parser_block=4))
     with pytest.raises(ValueError, match="cannot be merged"):
         wrapped().merge_and_unload()
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 8, 14, 14), 15), ((3, 5, 4, 6), 3), ((1, 4, 3, 5), 9)])
+def test_spatial_parser_equals_the_same_padded_convolution(shape, kernel):
+    """The fold formulation of the paper's sigma x sigma parser against conv2d: values and both gradients,
+    square and non-square grids, kernels larger than the grid."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape[1], kernel, kernel, dtype=torch.float64, requires_grad=True)
+    ours = same_conv_to_one_channel(x, w)
+    reference = F.conv2d(x, w[None], padding=kernel // 2)[:, 0]
+    torch.testing.assert_close(ours, reference)
+    upstream = torch.randn_like(reference)
+    torch.testing.assert_close(torch.autograd.grad(ours, (x, w), upstream),
+                               torch.autograd.grad(reference, (x, w), upstream))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- DPP in the model

@@ -16,7 +16,7 @@ restores its module tree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,11 @@ class FRPTLayout:
 
     embeddings: str  # takes pixel_values
     head: str  # its output holds the final patch tokens
-    pre_norm: Optional[str] = None  # between embeddings and block 0 (CLIP's pre_layrnorm)
-    final_norm: Optional[str] = None  # applied by the head to the head module's output (CLIP's post_layernorm)
+    pre_norm: str | None = None  # between embeddings and block 0 (CLIP's pre_layrnorm)
+    final_norm: str | None = None  # applied by the head to the head module's output (CLIP's post_layernorm)
 
     @classmethod
-    def from_spec(cls, spec: BackboneSpec) -> "FRPTLayout":
+    def from_spec(cls, spec: BackboneSpec) -> FRPTLayout:
         base = SUPPORTED_MODELS[spec.model_class][1]
 
         def path(rel: str) -> str:
@@ -82,9 +82,26 @@ class ContentParser(nn.Module):
                 nn.init.zeros_(self.conv.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.to(self.conv.weight.dtype)
         if self.rectify:
-            features = torch.relu(features)
-        return self.conv(features.to(self.conv.weight.dtype))[:, 0]
+            return self.conv(torch.relu(features))[:, 0]
+        return same_conv_to_one_channel(features, self.conv.weight[0])
+
+
+def same_conv_to_one_channel(features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``conv2d(features, kernel[None], padding=σ // 2)[:, 0]`` for an odd ``σ × σ`` ``kernel`` of shape ``(D, σ, σ)``.
+
+    A large kernel with one output channel is a slow case for CPU convolutions (about 20x slower forward and
+    backward at D = 384, σ = 15). Here every token is projected onto all ``σ²`` kernel offsets in one matrix
+    product and ``fold`` adds the shifted maps: the same sums, in a different order.
+    """
+    batch, dim, height, width = features.shape
+    size = kernel.shape[-1]
+    # fold adds column (ky, kx) of the token at (i, j) to (i + ky - σ//2, j + kx - σ//2); conv2d reads the token at
+    # (i + ky - σ//2) for output i, hence the flipped kernel
+    offsets = kernel.flip(-2, -1).reshape(dim, size * size)
+    columns = torch.einsum("bdl,dk->bkl", features.reshape(batch, dim, height * width), offsets)
+    return F.fold(columns, (height, width), size, padding=size // 2)[:, 0]
 
 
 class PixelPrompt(nn.Module, FRPTLayer):
@@ -106,7 +123,7 @@ class PixelPrompt(nn.Module, FRPTLayer):
         config: FRPTConfig,
         spec: BackboneSpec,
         blocks: nn.ModuleList,
-        pre_norm: Optional[nn.Module] = None,
+        pre_norm: nn.Module | None = None,
     ):
         super().__init__()
         self._init_wrapper(base_layer)
@@ -217,7 +234,7 @@ class FRPTHead(EmbeddingHead, FRPTLayer):
         super().__init__(base_layer, adapter_name, config, spec)
         self.num_prefix_tokens = spec.num_prefix_tokens
         self._final_norm = {"module": final_norm}  # plain dict: a reference to a backbone module
-        self._features: Optional[torch.Tensor] = None
+        self._features: torch.Tensor | None = None
 
     @property
     def cah(self) -> nn.ModuleDict:
@@ -257,7 +274,7 @@ class FRPTHead(EmbeddingHead, FRPTLayer):
             return cah(patches, extra=tokens[:, :1])[:, 0]
         return cah(patches).mean(dim=1)
 
-    def take_embeddings(self) -> Optional[torch.Tensor]:
+    def take_embeddings(self) -> torch.Tensor | None:
         if self._labels is None:  # no loss this time: drop the feature (and its graph) now
             self._features = None
         return super().take_embeddings()
@@ -346,14 +363,14 @@ class FRPTModel(PromptedTuner):
         return self.model.get_submodule(self.layout.embeddings)
 
     @torch.no_grad()
-    def resample_images(self, pixel_values: torch.Tensor, adapter_name: Optional[str] = None, **kwargs) -> torch.Tensor:
+    def resample_images(self, pixel_values: torch.Tensor, adapter_name: str | None = None, **kwargs) -> torch.Tensor:
         """What the backbone sees: ``pixel_values`` re-sampled by the adapter's learned saliency (same shape and
         normalisation as the input). ``kwargs`` go to the embeddings (e.g. ``interpolate_pos_encoding=True``)."""
         layer = self._pixel_prompt()
         return layer.resample(adapter_name or self.active_adapters[0], pixel_values.to(layer._base_device()), **kwargs)
 
     @torch.no_grad()
-    def saliency_maps(self, pixel_values: torch.Tensor, adapter_name: Optional[str] = None, **kwargs) -> torch.Tensor:
+    def saliency_maps(self, pixel_values: torch.Tensor, adapter_name: str | None = None, **kwargs) -> torch.Tensor:
         """The parser's saliency ``(B, g, g)`` on the sampling grid (each map sums to 1)."""
         layer = self._pixel_prompt()
         return layer.saliency(adapter_name or self.active_adapters[0], pixel_values.to(layer._base_device()), **kwargs)
