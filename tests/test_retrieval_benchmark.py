@@ -100,6 +100,21 @@ def test_table_is_computed_from_the_records(bench):
         "Frozen backbone", "Linear probe (head only)", "Full fine-tuning", "VPT-deep (10)"]  # fmt: skip
 
 
+def test_table_timings_are_the_median_run():
+    """Three seeds, one slowed by other jobs: mean ± std for the metrics, the median run for the timings."""
+    module = load_benchmark()
+    base = {"row": "vpt_deep", "backbone": "b", "dataset": "d", "machine": "m",
+            "parameters": {"trainable": 10, "stored": 10, "inference": 5}}  # fmt: skip
+    runs = [
+        {**base, "seed": s, "metrics": {k: r1 / 100 for k, _ in module.METRICS}, "train_seconds": t, "inference_images_per_second": v}
+        for s, r1, t, v in [(0, 60.0, 1200.0, 20.0), (1, 70.0, 120.0, 90.0), (2, 80.0, 60.0, 100.0)]
+    ]  # fmt: skip
+    line = module.render_table(runs, "cpu").splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "0,1,2" and cells[2] == "70.00 ± 10.00"
+    assert cells[-2:] == ["2.0", "90"]  # 120 s and 90 img/s, not the means (7.0 min, 70 img/s)
+
+
 def test_finished_runs_are_skipped_and_missing_ones_rerun(bench, capsys):
     module, root, argv, _ = bench
     record = root / "results" / "cpu" / "vpt_deep-seed1.json"
