@@ -384,10 +384,11 @@ def test_inference_only_adapter_drops_the_training_parts(tmp_path):
     assert torch.equal(loaded(pixel_values=pixels()).embeddings, expected)
 
 
-def test_hub_round_trip(fake_hub):
-    base_id, adapter_id = "org/tiny-dinov2", "org/tiny-dinov2-vptsp"
+@pytest.mark.parametrize("bitfit", [True, False])
+def test_hub_round_trip(bitfit, fake_hub):
+    base_id, adapter_id = "org/tiny-dinov2", f"org/tiny-dinov2-vptsp-bitfit-{bitfit}"
     tiny_model("Dinov2Model").push_to_hub(base_id)
-    model = get_peft_model(Dinov2Model.from_pretrained(base_id), config())
+    model = get_peft_model(Dinov2Model.from_pretrained(base_id), config(bitfit=bitfit))
     perturb_adapter(model)
     model.eval()
     expected = model(pixel_values=pixels()).embeddings

@@ -77,18 +77,22 @@ def decoupled_attention(
     n_prompts = length - T
     if n_prompts < 0:
         raise ValueError(f"decoupled attention got {length} tokens but expects at least T={T} image tokens")
-    q_image = query[:, :, :T]
-    out, _ = base(module, q_image, key[:, :, :T], value[:, :, :T], None, **kwargs)
+    # one split per projection: its backward is one concatenation, where separate slices would each allocate a
+    # zero-filled gradient of the whole projection and add them up
+    q_image, q_prompt = query.split([T, n_prompts], dim=2)
+    k_image, k_prompt = key.split([T, n_prompts], dim=2)
+    v_image, v_prompt = value.split([T, n_prompts], dim=2)
+    out, _ = base(module, q_image, k_image, v_image, None, **kwargs)
     if n_prompts and call.weight:
-        to_prompts, _ = base(module, q_image, key[:, :, T:], value[:, :, T:], None, **kwargs)
+        to_prompts, _ = base(module, q_image, k_prompt, v_prompt, None, **kwargs)
         out = (1 - call.weight) * out + call.weight * to_prompts
     if n_prompts:
         if call.prompts_query:
-            prompt_out, _ = base(module, query[:, :, T:], key, value, None, **kwargs)
+            prompt_out, _ = base(module, q_prompt, key, value, None, **kwargs)
         else:  # no attention for prompts: the output projection sees their normed input h_p (§2.5)
             prompt_out = hidden[:, T:].reshape(batch, n_prompts, heads, head_dim).to(out.dtype)
         out = torch.cat([out, prompt_out], dim=1)
-    call.scores = query_scores(query[:, :, :T], key[:, :, :T], call.query_token, kwargs.get("scaling"))
+    call.scores = query_scores(q_image, k_image, call.query_token, kwargs.get("scaling"))
     call.ran = True
     return out, None
 
