@@ -960,12 +960,23 @@ def parse_args(argv=None):
     return args
 
 
+def _portable(arg: str) -> str:
+    """``arg`` without this machine's layout (the record is committed): paths in the checkout relative to it,
+    other existing paths as ``<local>/<name>``; anything else unchanged."""
+    if not os.path.isabs(arg) and not os.path.exists(arg):
+        return arg
+    root = Path(__file__).resolve().parents[1]
+    path = Path(arg).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else f"<local>/{path.name}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    command = [_portable(a) for a in (sys.argv[1:] if argv is None else argv)]
     meta = {
-        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": dict(vars(args)),
+        "command": "python benchmarks/speed.py " + " ".join(command),
+        "args": {**vars(args), "output_dir": _portable(args.output_dir)},
         "hardware": hardware(),
         "versions": versions(),
         "threads": args.threads or torch.get_num_threads(),

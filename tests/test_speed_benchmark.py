@@ -5,6 +5,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,10 @@ def test_every_row_ran_and_the_markdown_lists_it(report):
     meta = data["meta"]
     assert meta["hardware"]["cpu"] and meta["threads"] == 1 and len(meta["loadavg_start"]) == 3
     assert {"torch", "transformers", "peft", "prompt_peft"} <= set(meta["versions"])
+    # the records are committed: no path of the machine that wrote them
+    out_name = meta["args"]["output_dir"].rsplit("/", 1)[-1]
+    assert meta["args"]["output_dir"] == f"<local>/{out_name}" and f"--output_dir <local>/{out_name}" in meta["command"]
+    assert str(ROOT) not in json.dumps(data) and str(Path(tempfile.gettempdir())) not in json.dumps(data) + markdown
 
 
 def test_ratios_are_value_over_baseline(report):
