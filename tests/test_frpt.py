@@ -248,6 +248,21 @@ def test_spatial_parser_equals_the_same_padded_convolution(shape, kernel):
 # ---------------------------------------------------------------------------------------------------- DPP in the model
 
 
+@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    def gradients(checkpointing):
+        model = wrapped(name).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(pixel_values=pixels(), labels=torch.tensor([0, 1])).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, replayed = gradients(False), gradients(True)
+    assert plain.keys() == replayed.keys()
+    for n in plain:
+        torch.testing.assert_close(replayed[n], plain[n], msg=n)
+
+
 def test_zero_parser_is_the_identity_and_training_moves_it():
     model = wrapped(perturb=False)
     x = pixels()

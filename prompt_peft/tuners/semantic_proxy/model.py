@@ -56,11 +56,26 @@ class BiasDelta(nn.Module):
 
     def run(self, module: nn.Module, *args: Any, **kwargs: Any):
         """``module(*args, **kwargs)`` with every bias replaced by ``bias + delta``."""
+        if getattr(module, "gradient_checkpointing", False) and module.training:
+            # transformers checkpoints inside the block's forward, so its backward replay would run after
+            # functional_call has put the plain biases back: checkpoint around the overrides instead, with the
+            # model's own checkpoint function (delta passed as an input, as reentrant checkpointing needs)
+            def replayable(delta: torch.Tensor, *inputs: Any):
+                module.gradient_checkpointing = False
+                try:
+                    return self._call(module, delta, inputs, kwargs)
+                finally:
+                    module.gradient_checkpointing = True
+
+            return module._gradient_checkpointing_func(replayable, self.delta, *args)
+        return self._call(module, self.delta, args, kwargs)
+
+    def _call(self, module: nn.Module, delta: torch.Tensor, args: tuple, kwargs: dict):
         overrides, start = {}, 0
         for name, shape in zip(self.names, self.shapes):
             original = module.get_parameter(name)
             size = math.prod(shape)
-            overrides[name] = original + self.delta[start : start + size].view(shape).to(original.dtype)
+            overrides[name] = original + delta[start : start + size].view(shape).to(original.dtype)
             start += size
         return functional_call(module, overrides, args, kwargs)
 
