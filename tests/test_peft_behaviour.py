@@ -188,7 +188,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         model = wrapped(name)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(pixel_values=pixels(), labels=torch.tensor([0, 1])).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

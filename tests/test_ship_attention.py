@@ -202,7 +202,7 @@ def test_gradient_checkpointing_replays_the_decoupled_attention(name):
         model = fitted(name)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         out = model(pixel_values=pixels(), labels=torch.tensor([0, 1]))
         out.loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -18,6 +18,7 @@ ROWS = [
     "linear_probe",
     "vpt_shallow",
     "vpt_deep",
+    "vpt_deep_checkpointed",
     "ship",
     "ship_k10",
     "semantic_proxy",
@@ -99,7 +100,11 @@ def test_ratios_are_value_over_baseline(report):
             assert t["value"] == pytest.approx(r[key] / rows[t["reference"]][key])
         passed = t["value"] <= t["threshold"] if t["comparison"] == "<=" else t["value"] >= t["threshold"]
         assert t["status"] == ("PASS" if passed else "MISS")
-    assert len(data["models"]["tiny"]["targets"]) == 8
+    assert len(data["models"]["tiny"]["targets"]) == 9
+    # checkpointing engaged: the blocks keep only their inputs for backward, so far fewer saved activations
+    deep, checkpointed = rows["vpt_deep"], rows["vpt_deep_checkpointed"]
+    assert checkpointed["saved_activation_bytes"] < deep["saved_activation_bytes"] / 2
+    assert checkpointed["params"] == deep["params"]
 
 
 def test_parameter_counts(report):
