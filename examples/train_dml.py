@@ -101,6 +101,13 @@ class TrainArguments:
             "fine-tuned backbone is saved to <output_dir>/backbone). Default: the backbone stays frozen."
         },
     )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each block's activations in the backward pass: far less memory (prompts otherwise "
+            "keep about two thirds of full fine-tuning's activations) for about a third more compute."
+        },
+    )
     weight_decay: float = field(default=0.0)
     warmup_ratio: float = field(default=0.1)
     max_grad_norm: float = field(default=1.0)
@@ -211,6 +218,8 @@ def run(argv=None):
         hierarchy = model.base_model.fit_hierarchy(fit_loader)
         logger.info("semantic levels %s", model.peft_config["default"].levels)
         del hierarchy
+    if train_args.activation_checkpointing:
+        model.activation_checkpointing_enable()
     optimizer = build_optimizer(
         model, lr=train_args.learning_rate, proxy_lr=train_args.proxy_lr, weight_decay=train_args.weight_decay
     )

@@ -63,6 +63,23 @@ def test_a_run_trains_evaluates_and_saves(workspace, tmp_path):
     assert last < first  # 4 well-separated colour classes: the loss must fall
 
 
+@pytest.mark.parametrize("method", ["vpt", "semantic_proxy"])
+def test_activation_checkpointing_trains_the_same_adapter(workspace, tmp_path, method):
+    """Recomputing the blocks in backward changes memory, not the training: same steps, same adapter."""
+    script = load_script()
+    runs = {}
+    for flag in (False, True):
+        extra = ["--method", method, "--max_steps", "3", "--eval_every_epochs", "0"]
+        if method == "semantic_proxy":  # with BitFit (the default): its biases must be replayed too
+            extra += ["--method_kwargs", '{"num_prompts": 2, "num_class_prompts": 2}']
+        extra += ["--activation_checkpointing", "true"] if flag else []
+        script.main(args(workspace, tmp_path / str(flag), *extra))
+        runs[flag] = adapter_weights(tmp_path / str(flag))
+    assert runs[False].keys() == runs[True].keys()
+    for name in runs[False]:
+        torch.testing.assert_close(runs[True][name], runs[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_yaml_config_with_cli_override(workspace, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("num_epochs: 5\nmax_steps: 2\nmethod_kwargs:\n  num_prompts: 3\n  deep: false\n")
