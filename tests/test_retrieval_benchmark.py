@@ -3,6 +3,7 @@ the table is computed from the per-run records, finished runs are skipped."""
 
 import importlib.util
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -15,12 +16,38 @@ from transformers import ViTModel
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("retrieval_benchmark", ROOT / "benchmarks" / "retrieval.py")
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["retrieval_benchmark"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def test_gpu_preset_commands_are_accepted_by_the_scripts(capsys, tmp_path):
+    """The GPU preset has not run on this project's machines: at least every command it would run must parse, with
+    the preset's settings, in the scripts that run it."""
+    module = load_benchmark()
+    argv = ["--preset", "gpu", "--data_root", "flowers", "--dry_run", "--results_dir", str(tmp_path / "results"),
+            "--work_dir", str(tmp_path / "runs")]  # fmt: skip
+    assert module.main(argv) == []
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(commands) == 1 + 3 * (len(module.ROWS) - 1)  # the frozen row once, every trained row per seed
+    train = load_module(ROOT / "examples" / "train_dml.py", "train_dml_script")
+    evaluate = load_module(ROOT / "examples" / "evaluate.py", "evaluate_script")
+    for command in commands:
+        if command[1].endswith("evaluate.py"):
+            parsed = evaluate.parse_args(command[2:])
+            assert (parsed.image_size, parsed.backbone) == (224, "facebook/dinov2-small")
+            continue
+        model_args, data_args, train_args = train.parse_args(command[2:])
+        assert (data_args.image_size, train_args.num_epochs, train_args.mixed_precision) == (224, 15, "bf16")
+        assert model_args.method in {row.method for row in module.ROWS.values()}
+    assert not list(tmp_path.glob("results/*/*.json"))  # a dry run writes no records
+
+
+def load_benchmark():
+    return load_module(ROOT / "benchmarks" / "retrieval.py", "retrieval_benchmark")
 
 
 @pytest.fixture(scope="module")
