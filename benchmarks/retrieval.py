@@ -40,6 +40,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when loaded by path
+from portable import portable  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train_dml.py"
 EVAL_SCRIPT = ROOT / "examples" / "evaluate.py"
@@ -186,7 +189,7 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
         "settings": {**PRESETS[args.preset], **(TRAINING if row.method else {}), **row.train_args},
         "method": row.method,
         "method_kwargs": row.method_kwargs,
-        "backbone": _portable(args.backbone),
+        "backbone": portable(args.backbone),
         "dataset": args.dataset,
         "metrics": metrics,
         "parameters": params,
@@ -195,24 +198,13 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
         "inference_images_per_second": round(eval_images / max(eval_seconds, 1e-3), 1),
         "machine": machine(),
         # the command with the machine's paths made relative, so the record is portable
-        "command": " ".join(shlex.quote(_portable(c)) for c in command),
+        "command": " ".join(shlex.quote(portable(c)) for c in command),
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(result_path)  # atomic: a half-written file never counts as done
     return result
-
-
-def _portable(arg: str) -> str:
-    """``arg`` without this machine's layout: the interpreter is ``python``, paths in the checkout are relative
-    to it, other local paths become ``<local>/<name>`` (Hub ids and options are kept)."""
-    if arg == sys.executable:
-        return "python"
-    if arg.startswith("-") or not (os.path.isabs(arg) or os.path.exists(arg)):
-        return arg
-    path = Path(arg).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"<local>/{path.name}"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -77,6 +77,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when loaded by path
+from portable import portable  # noqa: E402
+
 MIB = 2**20
 
 # Backbone shapes (ViT-S/16 and ViT-B/16 as in timm / the ViT paper; "tiny" is for tests).
@@ -972,23 +975,13 @@ def parse_args(argv=None):
     return args
 
 
-def _portable(arg: str) -> str:
-    """``arg`` without this machine's layout (the record is committed): paths in the checkout relative to it,
-    other existing paths as ``<local>/<name>``; anything else unchanged."""
-    if not os.path.isabs(arg) and not os.path.exists(arg):
-        return arg
-    root = Path(__file__).resolve().parents[1]
-    path = Path(arg).resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else f"<local>/{path.name}"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    command = [_portable(a) for a in (sys.argv[1:] if argv is None else argv)]
+    command = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
     meta = {
         "command": "python benchmarks/speed.py " + " ".join(command),
-        "args": {**vars(args), "output_dir": _portable(args.output_dir)},
+        "args": {**vars(args), "output_dir": portable(args.output_dir)},
         "hardware": hardware(),
         "versions": versions(),
         "threads": args.threads or torch.get_num_threads(),
