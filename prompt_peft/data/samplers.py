@@ -4,10 +4,14 @@ Proxy- and pair-based retrieval losses need several images of the same class in 
 ``batch_size // m`` distinct classes with ``m`` images each, laid out class-contiguously
 (``[a, a, b, b, c, c, ...]`` for ``m = 2``).
 
-Under DDP every process builds the same *global* sequence of steps from ``(seed, epoch)``; a step holds
-``num_replicas`` batches whose classes are all different, and process ``r`` takes batch ``r`` of each step.
-So all processes get the same number of batches, and their batches in one step never share a class (a
-cross-process class overlap would make the gathered batch unbalanced and waste proxy-loss positives).
+Under DDP every process builds the same sequence of *global* batches from ``(seed, epoch)``: one
+class-balanced batch of ``batch_size × num_replicas`` images per step, whose classes are all different.
+Process ``r`` takes the ``r``-th slice of ``batch_size`` images of each global batch (whole classes, since
+``batch_size`` is a multiple of ``m``). The global sequence depends only on the global batch size, not on
+how it is split: 1 process × 8 images, 2 × 4 and 4 × 2 see the same global batches in the same order, and
+the gathered batch (ranks concatenated in order) is the batch a single process sees. So all processes get
+the same number of batches, a class never sits on two processes in one step, and a run is reproducible
+across process counts.
 
 With accelerate, do not pass a per-process sampler to ``accelerator.prepare``: it wraps any batch sampler
 in ``BatchSamplerShard`` and would deal the per-process batches out once more (each process would get every
@@ -38,8 +42,9 @@ class MPerClassBatchSampler(Sampler[list[int]]):
     * a class with **fewer than m images** forms one group of all its images, topped up by draws *with
       replacement* from that class, so its batch slot holds duplicates. This is the only place where
       replacement is used;
-    * groups are dealt into steps of ``num_replicas × batch_size // m`` groups of distinct classes; a class
-      appears at most once per step, hence at most once per batch and never on two processes in one step.
+    * groups are dealt into global batches of ``num_replicas × batch_size // m`` groups of distinct classes
+      (a class appears at most once per step, hence never on two processes in one step); process ``r`` gets
+      slice ``r`` of each. This depends on ``num_replicas`` and ``batch_size`` only through their product.
 
     Epoch length: by default the largest number of steps the data fills using every group at most once
     (with very imbalanced classes this is less than ``len(labels) // (batch_size × num_replicas)``,
@@ -145,14 +150,16 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        steps = self._build_steps(self.epoch)
+        steps = self.global_batches(self.epoch)
         self.epoch += 1  # see the class docstring: consecutive iter() calls give consecutive epochs
-        if self.all_replicas:
-            return iter([batch for step in steps for batch in step])
-        return iter([step[self.rank] for step in steps])
+        b = self.batch_size
+        ranks = range(self.num_replicas) if self.all_replicas else [self.rank]
+        return iter([step[r * b : (r + 1) * b] for step in steps for r in ranks])
 
-    def _build_steps(self, epoch: int) -> list[list[list[int]]]:
-        """The global sequence of the epoch: ``steps[s][r]`` is process ``r``'s batch at step ``s``."""
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (``batch_size × num_replicas`` indices each, class-contiguous): what one
+        step trains on over all processes, rank ``r``'s share being ``[r * batch_size, (r + 1) * batch_size)``.
+        A function of ``(labels, m, batch_size × num_replicas, seed, epoch, length settings)`` only."""
         rng = np.random.default_rng([self.seed, epoch])
         num_steps, per_step = self.num_steps, self.classes_per_step
         needed = num_steps * per_step
@@ -178,13 +185,10 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         for c, group in chosen:
             by_class.setdefault(c, []).append(group)
         flat = [group for c in rng.permutation(list(by_class)) for group in by_class[int(c)]]
-        k = self.classes_per_batch
         steps = []
         for s in rng.permutation(num_steps):
             slots = [flat[j] for j in range(s, needed, num_steps)]
-            slots = [slots[i] for i in rng.permutation(per_step)]
-            batches = [np.concatenate(slots[r * k : (r + 1) * k]).tolist() for r in range(self.num_replicas)]
-            steps.append(batches)
+            steps.append(np.concatenate([slots[i] for i in rng.permutation(per_step)]).tolist())
         return steps
 
     def _class_groups(self, c: int, rng: np.random.Generator) -> list[np.ndarray]:
