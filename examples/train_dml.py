@@ -82,6 +82,11 @@ class DataArguments:
     image_size: Optional[int] = field(default=None, metadata={"help": "Train/eval resolution (default: native)."})
     m_per_class: int = field(default=4, metadata={"help": "Images per class in a batch."})
     batch_size: int = field(default=32, metadata={"help": "Images per batch per process."})
+    global_batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Images per step over all processes (replaces --batch_size): the same adapter on any "
+                  "number of processes."},
+    )
     eval_batch_size: int = field(default=64)
     num_workers: int = field(default=2)
     check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
@@ -198,7 +203,8 @@ def run(argv=None):
         train_labels,
         accelerator,
         m=data_args.m_per_class,
-        batch_size=data_args.batch_size,
+        batch_size=None if data_args.global_batch_size else data_args.batch_size,
+        global_batch_size=data_args.global_batch_size,
         seed=train_args.seed,
         num_workers=data_args.num_workers,
         collate_fn=train_collate,

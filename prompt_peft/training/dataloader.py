@@ -47,7 +47,8 @@ def build_train_dataloader(
     accelerator: Accelerator,
     *,
     m: int,
-    batch_size: int,
+    batch_size: int | None = None,
+    global_batch_size: int | None = None,
     seed: int = 0,
     length_before_new_iter: int | None = None,
     drop_last: bool = True,
@@ -63,6 +64,9 @@ def build_train_dataloader(
             ``dispatch_batches`` off (see the module docstring).
         m: images per class in a batch.
         batch_size: images per batch **per process** (the global batch is ``batch_size × num_processes``).
+        global_batch_size: instead of ``batch_size``: images per step over all processes, split evenly (each
+            share a multiple of ``m``). The same value gives the same sequence of global batches on any
+            number of processes (see ``MPerClassBatchSampler``).
         seed: sampling seed, the same on every process.
         length_before_new_iter, drop_last: epoch length, see ``MPerClassBatchSampler``.
         **dataloader_kwargs: passed to ``DataLoader`` (``num_workers``, ``collate_fn``, ``pin_memory``, ...).
@@ -82,6 +86,7 @@ def build_train_dataloader(
             "build_train_dataloader needs dispatch_batches off: each process builds the same batch sequence "
             "itself, so there is nothing to dispatch"
         )
+    batch_size = _per_process_batch_size(batch_size, global_batch_size, accelerator.num_processes, m)
     clashing = sorted(set(dataloader_kwargs) & set(_SAMPLER_OWNED))
     if clashing:
         raise TypeError(f"{clashing} are set by the sampler; pass batch_size/drop_last as named arguments")
@@ -101,3 +106,16 @@ def build_train_dataloader(
     )
     dataloader = DataLoader(dataset, batch_sampler=sampler, **dataloader_kwargs)
     return accelerator.prepare(dataloader), sampler
+
+
+def _per_process_batch_size(batch_size: int | None, global_batch_size: int | None, world: int, m: int) -> int:
+    if (batch_size is None) == (global_batch_size is None):
+        raise TypeError("pass exactly one of batch_size (per process) and global_batch_size (all processes)")
+    if global_batch_size is None:
+        return batch_size
+    if global_batch_size < 1 or global_batch_size % (world * m):
+        raise ValueError(
+            f"global_batch_size ({global_batch_size}) must be a positive multiple of num_processes × m "
+            f"= {world} × {m}, so that every process gets whole classes"
+        )
+    return global_batch_size // world
