@@ -9,8 +9,13 @@ documented meaning.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate import Accelerator
 from peft import get_peft_model
+from test_train_dml import adapter_weights, args, run_script
 from tiny_models import pixels, tiny_model
 
 import prompt_peft
@@ -188,3 +194,87 @@ def test_evaluation_on_two_processes_gives_the_single_process_metrics(two_proces
                 assert embeddings.shape[0] == EVAL_SIZES[split]
                 torch.testing.assert_close(embeddings, expected[mode][1][split][0], rtol=1e-5, atol=1e-6)
                 assert torch.equal(labels, expected[mode][1][split][1])
+
+
+# --- examples/train_dml.py launched through accelerate: one process, two processes, two "nodes" ------------------
+
+E2E_STEPS = ["--global_batch_size", "8", "--max_steps", "4", "--checkpointing_steps", "2", "--eval_every_epochs", "0"]
+
+
+def launcher(*options: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *options, "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
+def two_processes() -> list[str]:
+    return launcher("--multi_gpu", "--num_processes", "2", "--num_machines", "1")
+
+
+def node(rank: int, port: int) -> list[str]:
+    """One of two "nodes" of one process each, meeting at the loopback address (a cluster: the head node's IP)."""
+    return launcher("--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))
+
+
+def finish(process: subprocess.Popen, timeout: int = 400) -> str:
+    output = process.communicate(timeout=timeout)[0]
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def e2e_runs(workspace, tmp_path_factory):
+    """The same job (global batch 8 = 2 × 4, m = 2) on 1 process, 2 processes and 2 nodes × 1 process."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    finish(run_script(args(workspace, tmp / "one", *E2E_STEPS)))
+    finish(run_script(args(workspace, tmp / "two", *E2E_STEPS), launcher=two_processes()))
+    port = _free_port()
+    nodes = [run_script(args(workspace, tmp / "nodes", *E2E_STEPS), launcher=node(r, port)) for r in (0, 1)]
+    outputs = [finish(process) for process in nodes]
+    return tmp, outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["two", "nodes"])
+def test_train_dml_on_two_processes_or_nodes_trains_the_single_process_adapter(e2e_runs, run):
+    tmp, _ = e2e_runs
+    expected, got = adapter_weights(tmp / "one"), adapter_weights(tmp / run)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+    one, other = (json.loads((tmp / name / "results.json").read_text()) for name in ("one", run))
+    assert other["steps"] == one["steps"] == 4
+    assert other["final_metrics"] == pytest.approx(one["final_metrics"], abs=1e-6)
+    for (step, loss), (step_other, loss_other) in zip(one["history"]["loss"], other["history"]["loss"]):
+        assert step == step_other and loss_other == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_each_node_ran_its_own_process_group_rank(e2e_runs):
+    """Both launchers took part in one 2-process group (machine rank r -> global rank r)."""
+    tmp, outputs = e2e_runs
+    assert (tmp / "nodes" / "adapter").exists()  # written by the main process, on node 0
+    for output in outputs:
+        assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(workspace, e2e_runs):
+    tmp, _ = e2e_runs
+    output_dir = tmp / "interrupted"
+    first = run_script(args(workspace, output_dir, *E2E_STEPS), launcher=two_processes(), start_new_session=True)
+    deadline = time.time() + 300
+    while not (output_dir / "checkpoints" / "step_2" / "trainer_state.json").exists():
+        assert first.poll() is None, "the run finished before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both workers, as a node failure would
+    first.wait()
+    assert not (output_dir / "adapter").exists()
+    output = finish(run_script(args(workspace, output_dir, *E2E_STEPS, "--resume_from_checkpoint", "latest"),
+                               launcher=two_processes()))
+    assert "resumed from" in output
+    expected, got = adapter_weights(tmp / "two"), adapter_weights(output_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
