@@ -274,7 +274,6 @@ class EmbeddingHead(nn.Module, PromptedLayer):
         super().__init__()
         self._init_wrapper(base_layer)
         self.spec = spec
-        self.pool = spec.pool
         self.hidden_size = spec.hidden_size
         self.add_module(self.prefix + "head_norm", nn.ModuleDict())
         self.add_module(self.prefix + "head_proj", nn.ModuleDict())
@@ -326,11 +325,7 @@ class EmbeddingHead(nn.Module, PromptedLayer):
         return out
 
     def pooled(self, out: torch.Tensor) -> torch.Tensor:
-        if self.pool == "first_token":
-            return out[:, 0]
-        if self.pool == "mean":
-            return out.mean(dim=1)
-        return out
+        return self.spec.pooled(out)
 
     def embed(self, adapter: str, pooled: torch.Tensor) -> torch.Tensor:
         norm = self.head_norm[adapter]

@@ -24,7 +24,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...backbones import SUPPORTED_MODELS, BackboneSpec
+from ...backbones import BackboneSpec
 from ..prompted import _HEAD_PATH_ATTR, EmbeddingHead, PromptedLayer, PromptedTuner
 from .config import REFERENCE_IMAGE_SIZE, FRPTConfig
 from .head import ChannelAttentionHead
@@ -42,17 +42,7 @@ class FRPTLayout:
 
     @classmethod
     def from_spec(cls, spec: BackboneSpec) -> FRPTLayout:
-        base = SUPPORTED_MODELS[spec.model_class][1]
-
-        def path(rel: str) -> str:
-            return f"{base}.{rel}" if base else rel
-
-        if spec.family == "clip":
-            last_block = f"{spec.block_list}.{spec.num_layers - 1}"
-            return cls(path("embeddings"), last_block, pre_norm=path("pre_layrnorm"), final_norm=path("post_layernorm"))
-        if spec.family == "siglip":  # the pooling head sees the normalised tokens; read them before it
-            return cls(path("embeddings"), path("post_layernorm"))
-        return cls(path("embeddings"), spec.pool_module)  # the final LayerNorm over the whole sequence
+        return cls(spec.embeddings, spec.tokens_module, pre_norm=spec.pre_norm, final_norm=spec.tokens_norm)
 
 
 class FRPTLayer(PromptedLayer):

@@ -93,10 +93,6 @@ class NormBiasDelta(nn.Module):
         return x + self.delta.to(x.dtype)
 
 
-# Family -> where a backbone LayerNorm sits outside every wrapped module, so BitFit covers it with a NormBiasDelta.
-UNWRAPPED_NORM = {"clip": "before_blocks", "siglip": "before_head"}
-
-
 def bias_names(module: nn.Module) -> list[str]:
     # "bias", and nn.MultiheadAttention's "in_proj_bias" (SigLIP's pooling head)
     return [name for name, _ in module.named_parameters() if name.rsplit(".", 1)[-1].endswith("bias")]
@@ -137,9 +133,9 @@ class SemanticProxyBlock(PromptedBlock):
             self.vptsp_class_prompt[adapter_name] = table
         if config.bitfit:
             self.vptsp_bitfit[adapter_name] = BiasDelta(self.base_layer, device=device)
-            if self.index == 0 and self.spec.family != "clip":  # CLIP's patch conv has no bias
+            if self.index == 0 and self.spec.patch_bias:
                 self.vptsp_patch_bias[adapter_name] = nn.Parameter(torch.zeros(dim, device=device))
-            if self.index == 0 and UNWRAPPED_NORM.get(self.spec.family) == "before_blocks":
+            if self.index == 0 and self.spec.unwrapped_norm == "before_blocks":
                 self.vptsp_norm_bias[adapter_name] = NormBiasDelta(dim, device=device)
         self.set_adapter(self.active_adapters)
 
@@ -202,8 +198,8 @@ class SemanticProxyHead(EmbeddingHead):
         _xavier_head(self.head_proj[adapter_name])
         if config.bitfit:
             self.vptsp_bitfit[adapter_name] = BiasDelta(self.base_layer, device=device)
-            # SigLIP's pooling head reads post_layernorm's output (with use_head=False this wrapper *is* that norm)
-            if UNWRAPPED_NORM.get(self.spec.family) == "before_head" and self.spec.pool_module.endswith("head"):
+            # e.g. SigLIP's pooling head reads post_layernorm's output (without the head this wrapper is that norm)
+            if self.spec.unwrapped_norm == "before_head":
                 self.vptsp_norm_bias[adapter_name] = NormBiasDelta(dim, device=device)
         if config.num_classes:
             with torch.no_grad():  # the code: xavier-uniform, then / 8
