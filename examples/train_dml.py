@@ -57,6 +57,7 @@ from prompt_peft.training import (
     clip_gradients,
     evaluate_retrieval,
     format_metrics,
+    freeze_unused_backbone_parameters,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -225,6 +226,8 @@ def run(argv=None):
         weight_decay=train_args.weight_decay,
         backbone_lr=train_args.backbone_lr,
     )
+    if train_args.backbone_lr:  # DDP needs a gradient for every trainable parameter (not ViT's pooler)
+        freeze_unused_backbone_parameters(model, next(iter(fit_loader))["pixel_values"][:1])
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     steps_per_epoch = math.ceil(len(loader) / train_args.gradient_accumulation_steps)

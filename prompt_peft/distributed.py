@@ -1,4 +1,5 @@
-"""The two collective operations the methods need under DDP (torch.distributed), no-ops in a single process."""
+"""The collective operations training needs under DDP (torch.distributed), no-ops in a single process: the
+global-batch gather of the training step's loss inputs, and whether sparse gradients can be all-reduced."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ def sparse_gradients_supported() -> bool:
 def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's ``tensor`` concatenated along dim 0 in rank order (sizes may differ by rank), with the
     gradient routed back: each process receives, for its own rows, the sum over processes of the gradients of
-    their losses. With DDP averaging parameter gradients afterwards, that is the gradient of the mean loss.
+    their losses. Identity in a single process.
+
+    Why the loss of the gathered batch needs no rescaling under DDP: every process computes the same global
+    loss ``L`` from the same gathered rows. For a process's own rows the backward sums the N identical
+    contributions, giving ``N · dL/dE_r``; DDP then averages parameter gradients over the N processes, so
+    the parameters that produced the rows (prompts, head, backbone) get ``sum_r dL/dE_r · dE_r/dθ``, the
+    global-batch gradient, and the parameters the loss reads directly (proxies, classifier) get the mean of N
+    copies of ``dL/dP``, the global-batch gradient again. A per-process term added to the loss (a mean over
+    the local batch) is averaged by DDP, i.e. it becomes the global mean when the local batches are equal.
 
     Accelerate deals the global batch sequence out in rank order, so the gathered batch is the one a single
     process would have seen: running per-class state (VPTSP-G's semantic proxies) evolves identically on

@@ -28,10 +28,10 @@ from test_train_dml import adapter_weights, args, run_script
 from tiny_models import pixels, tiny_model
 
 import prompt_peft
-from prompt_peft.training import build_optimizer, evaluate_retrieval
+from prompt_peft.training import build_optimizer, evaluate_retrieval, freeze_unused_backbone_parameters, training_step
 
 EMB, CLASSES, STEPS, GLOBAL_BATCH, M = 8, 6, 3, 8, 2
-LR = 0.05
+LR = 0.01
 
 
 def _config(method: str):
@@ -72,24 +72,33 @@ def build(method: str):
     model = get_peft_model(tiny_model("ViTModel", seed=0), _config(method))
     if method == "ship":  # every process fits the same hierarchy on the same (unsharded) data
         model.fit_hierarchy([{"pixel_values": pixels(8, seed=s), "labels": torch.arange(8) % CLASSES} for s in (1, 2)])
-    optimizer = build_optimizer(model, lr=LR, proxy_lr=LR)
-    if method == "full_finetuning":
-        backbone = [p for n, p in model.base_model.model.named_parameters() if not p.requires_grad]
-        for p in backbone:
-            p.requires_grad_(True)
-        optimizer.add_param_group({"params": backbone, "lr": LR, "weight_decay": 0.0, "name": "backbone"})
+    groups = build_optimizer(model, lr=LR, proxy_lr=LR, backbone_lr=LR if method == "full_finetuning" else None)
+    # SGD over build_optimizer's parameters. Adam normalises every gradient entry to a step of about lr, also the
+    # entries that are zero in exact arithmetic and computed as rounding noise (a key bias, whose shift softmax
+    # ignores: ~1e-9 against >= 1e-2) or tiny beside the tensor's largest (FRPT's parser: 1e-4 against 10); it
+    # would turn the rounding of another summation order into differences of order lr. examples/train_dml.py's
+    # AdamW is compared end to end below (VPT).
+    optimizer = torch.optim.SGD([p for group in groups.param_groups for p in group["params"]], lr=LR)
+    if method == "full_finetuning":  # as examples/train_dml.py does: the pooler stays frozen, DDP needs that
+        assert freeze_unused_backbone_parameters(model, pixels(1)) == ["base_model.model.pooler.dense.weight",
+                                                                     "base_model.model.pooler.dense.bias"]
     return model, optimizer
 
 
 def training_loss(model, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One training forward of this process's share of the global batch; the loss to back-propagate."""
-    return model(pixel_values=pixel_values, labels=labels).loss
+    """The library's training step on this process's share of the global batch: the loss to back-propagate."""
+    return training_step(model, pixel_values, labels).loss
 
 
 def state(model) -> dict[str, torch.Tensor]:
-    """What training changes: trainable tensors (sparse gradients leave them dense) and the running buffers."""
+    """What training changes: trainable tensors (sparse gradients leave them dense), the running buffers, and the
+    embeddings of a probe batch (the function the tensors compute)."""
     out = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     out.update({n: b.detach().clone() for n, b in model.named_buffers() if "ship_" in n or "vptsp_" in n})
+    was_training = model.training
+    with torch.no_grad():
+        out["probe_embeddings"] = model.eval()(pixel_values=pixels(4, seed=77)).embeddings
+    model.train(was_training)
     return out
 
 
@@ -141,6 +150,20 @@ def evaluate(accelerator=None) -> dict:
     return results
 
 
+def assert_same_training(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    for key, value in expected.items():
+        # the function the tensors compute: FRPT's saliency re-sampling amplifies their rounding a few times
+        assert_close_relative(got[key], value, key, rel=1e-4 if key == "probe_embeddings" else 1e-5)
+
+
+def assert_close_relative(got: torch.Tensor, expected: torch.Tensor, key: str, rel: float = 1e-5) -> None:
+    """Equal to float rounding: every entry within ``rel`` of the tensor's scale (its largest magnitude)."""
+    if expected.numel() == 0:
+        return
+    error, scale = float((got - expected).abs().max()), float(expected.abs().max())
+    assert error <= rel * scale + 1e-9, f"{key}: differs by {error:.3g}, more than {rel:g} x {scale:.3g}"
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     # what a launcher sets; accelerate then initialises the gloo process group
@@ -180,12 +203,13 @@ def test_two_processes_train_what_one_process_trains_on_the_global_batch(two_pro
     for got in ranks:
         assert not isinstance(got, str), got
     torch.set_num_threads(1)
+    model = build(method)[0]
     expected = train(method)
     assert ranks[0].keys() == ranks[1].keys() == expected.keys()
-    initial = state(build(method)[0])
-    for key, value in expected.items():
+    initial = state(model)
+    for key in expected:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"replicas differ in {key}"
-        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    assert_same_training(ranks[0], expected)
     # the check has teeth: training moved the adapter well beyond the tolerance
     moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)
     assert moved > 1e-3
@@ -195,10 +219,11 @@ def test_two_processes_train_what_one_process_trains_on_the_global_batch(two_pro
 def test_gradient_accumulation_on_two_processes_equals_accumulation_in_one(two_process_results):
     ranks = [result[ACCUMULATED] for result in two_process_results]
     assert not isinstance(ranks[0], str), ranks[0]
-    expected = train(ACCUMULATED.split("+")[0], accumulation=2)
-    for key, value in expected.items():
+    method = ACCUMULATED.split("+")[0]
+    expected = train(method, accumulation=2)
+    for key in expected:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"replicas differ in {key}"
-        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    assert_same_training(ranks[0], expected)
 
 
 def test_gradient_accumulation_averages_the_micro_batch_gradients_it_is_not_the_big_batch():
@@ -236,7 +261,8 @@ def test_evaluation_on_two_processes_gives_the_single_process_metrics(two_proces
 
 # --- examples/train_dml.py launched through accelerate: one process, two processes, two "nodes" ------------------
 
-E2E_STEPS = ["--global_batch_size", "8", "--max_steps", "4", "--checkpointing_steps", "2", "--eval_every_epochs", "0"]
+# VPT-deep with dropout off: dropout masks are drawn per process, the one thing that cannot match one process
+E2E_STEPS = ["--method_kwargs", '{"num_prompts": 2, "prompt_dropout": 0.0}', "--global_batch_size", "8", "--max_steps", "4", "--checkpointing_steps", "2", "--eval_every_epochs", "0"]
 
 
 def launcher(*options: str) -> list[str]:
@@ -279,7 +305,7 @@ def test_train_dml_on_two_processes_or_nodes_trains_the_single_process_adapter(e
     expected, got = adapter_weights(tmp / "one"), adapter_weights(tmp / run)
     assert expected.keys() == got.keys()
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+        assert_close_relative(got[key], expected[key], key)
     one, other = (json.loads((tmp / name / "results.json").read_text()) for name in ("one", run))
     assert other["steps"] == one["steps"] == 4
     assert other["final_metrics"] == pytest.approx(one["final_metrics"], abs=1e-6)

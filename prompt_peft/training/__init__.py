@@ -8,7 +8,7 @@ from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, 
 from .checks import check_finite
 from .dataloader import build_train_dataloader
 from .evaluation import evaluate_retrieval, format_metrics
-from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler
+from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler, freeze_unused_backbone_parameters
 from .row_sparse import RowSparseAdamW, clip_grad_norm_, clip_gradients
 from .step import StepOutput, find_tuner, training_step
 
@@ -25,6 +25,7 @@ __all__ = [
     "evaluate_retrieval",
     "find_tuner",
     "format_metrics",
+    "freeze_unused_backbone_parameters",
     "list_checkpoints",
     "load_checkpoint",
     "resolve_checkpoint",

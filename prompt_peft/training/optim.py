@@ -12,7 +12,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..tuners.prompted import parameter_roles
 from .row_sparse import RowSparseAdamW
 
-__all__ = ["PROXY_LR_FACTOR", "build_optimizer", "build_scheduler"]
+__all__ = ["PROXY_LR_FACTOR", "build_optimizer", "build_scheduler", "freeze_unused_backbone_parameters"]
 
 # Proxy-Anchor (Kim et al., CVPR 2020) trains its proxies with 100x the backbone learning rate; proxies start
 # random and must move fast. VPTSP-G's released configs use 20x to 500x: tune it.
@@ -107,6 +107,39 @@ def build_optimizer(
         {"name": "backbone", "params": backbone, "lr": backbone_lr, "weight_decay": weight_decay},
     ]
     return RowSparseAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def freeze_unused_backbone_parameters(model: nn.Module, pixel_values: torch.Tensor) -> list[str]:
+    """Freeze the trainable backbone parameters (no adapter role) that the embedding does not depend on, e.g.
+    ViT's pooler or DINOv2's mask token after ``build_optimizer(..., backbone_lr=...)`` unfroze them all; returns
+    their names.
+
+    DistributedDataParallel waits for a gradient of every trainable parameter, so such parameters stall or
+    fail a multi-process full fine-tuning (``find_unused_parameters=True`` is no way out: DDP would rebuild the
+    model's output, whose added fields are not part of its class). One forward of ``pixel_values`` (a sample
+    batch, e.g. one image) in eval mode, so no running state changes, finds them; call it on every process,
+    before ``accelerator.prepare``. They keep no gradient, so the optimiser leaves them alone.
+    """
+    roles = parameter_roles(model)
+    candidates = {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in roles}
+    if not candidates:
+        return []
+    was_training = model.training
+    params = list(model.parameters())
+    saved = [p.grad for p in params]  # the probe's gradients are not training's: put the old ones back
+    try:
+        model.eval()
+        for p in params:
+            p.grad = None
+        model(pixel_values=pixel_values).embeddings.float().sum().backward()
+        unused = [name for name, p in candidates.items() if p.grad is None]
+    finally:
+        model.train(was_training)
+        for p, grad in zip(params, saved):
+            p.grad = grad
+    for name in unused:
+        candidates[name].requires_grad_(False)
+    return unused
 
 
 def build_scheduler(

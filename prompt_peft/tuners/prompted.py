@@ -675,12 +675,15 @@ class PromptedTuner(BaseTuner):
     def gather_loss_inputs(self, inputs: LossInputs) -> LossInputs:
         """The gather point of the training step, between the forward and the loss (identity in one process).
 
-        By default only a proxy branch's ``candidates`` (with their labels) are gathered over processes, so the
-        running semantic proxies see the global batch and stay identical on every process; the sample branch's
-        loss stays per process. Override it (or pass ``gather=`` to
-        :func:`prompt_peft.training.training_step`) to gather more, e.g. every batch field for a global-batch loss.
+        Under DDP every per-sample field (embeddings, labels, FRPT's features, VPTSP-G's candidates and their
+        labels) is gathered over processes in rank order, with its gradient, so every process computes the loss
+        of the **global batch**, the one a single process computes on the same global batch; the running
+        semantic proxies fold in the global batch and stay identical everywhere. ``auxiliary`` (SHIP's matching
+        loss, a mean over the local batch) stays per process: DDP's averaging makes it the global mean. See
+        :func:`prompt_peft.distributed.gather_across_processes` for why the loss needs no rescaling.
+        Override it (or pass ``gather=`` to :func:`prompt_peft.training.training_step`) for another scheme.
         """
-        return inputs.map(gather_across_processes, ("candidates", "candidate_labels"))
+        return inputs.map(gather_across_processes, LossInputs.batch_fields())
 
     def compute_loss(self, inputs: LossInputs, adapter_name: Optional[str] = None) -> torch.Tensor:
         """The running adapter's loss object on ``inputs`` (plus their auxiliary terms)."""
