@@ -39,7 +39,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the sibling modules and the repository, also in spawned workers
-from portable import portable  # noqa: E402
+from portable import portable, write_record  # noqa: E402
 from speed import (  # noqa: E402
     MODELS,
     ROWS,
@@ -193,13 +193,7 @@ def main(argv=None) -> int:
             runs[world].append(measure(world, args))
     meta["loadavg_end"] = os.getloadavg()
     report = {"meta": meta, "rows": summarise(runs, args.batch_size)}
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or device_tag(args.device)
-    markdown = to_markdown(report)
-    (out / f"scaling-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"scaling-{tag}.md").write_text(markdown + "\n")
-    print(markdown)
+    write_record(args.output_dir, f"scaling-{args.tag or device_tag(args.device)}", report, to_markdown(report))
     return 0
 
 

@@ -61,7 +61,6 @@ import copy
 import ctypes
 import functools
 import gc
-import json
 import multiprocessing
 import os
 import platform
@@ -78,7 +77,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when loaded by path
-from portable import portable  # noqa: E402
+from portable import portable, write_record  # noqa: E402
 
 MIB = 2**20
 
@@ -341,11 +340,13 @@ def _autocast(device: torch.device, dtype: str):
 
 
 def train_step(model, optimizer, pixels, labels, device, dtype) -> float:
-    """One timed optimisation step (seconds)."""
+    """One timed optimisation step (seconds): the library's training step (under DDP, the global-batch loss)."""
+    from prompt_peft.training import training_step
+
     _sync(device)
     start = time.perf_counter()
     with _autocast(device, dtype):
-        loss = model(pixel_values=pixels, labels=labels).loss
+        loss = training_step(model, pixels, labels).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1016,14 +1017,8 @@ def main(argv=None) -> int:
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - started
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or device_tag(args.device)
-    markdown = to_markdown(report)
-    (out / f"speed-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"speed-{tag}.md").write_text(markdown + "\n")
-    print(markdown)
-    log(f"wrote {out / f'speed-{tag}.json'} and {out / f'speed-{tag}.md'}")
+    record = write_record(args.output_dir, f"speed-{args.tag or device_tag(args.device)}", report, to_markdown(report))
+    log(f"wrote {record} and {record.with_suffix('.md')}")
     return 1 if any("error" in r for block in report["models"].values() for r in block["rows"]) else 0
 
 

@@ -198,3 +198,28 @@ def test_groups_follow_the_roles_the_layers_declare_not_names():
     backbone = groups_by_name(build_optimizer(model, lr=1e-3, backbone_lr=1e-5))["backbone"]
     assert ids(backbone["params"]) == ids(model.get_base_model().parameters()) - set(roles)
     assert backbone["lr"] == 1e-5 and all(p.requires_grad for p in backbone["params"])
+
+
+def test_full_fine_tuning_leaves_parameters_the_embedding_never_uses_frozen():
+    """ViT's pooler (and DINOv2's mask token) get no gradient; DDP needs every trainable parameter to get one."""
+    from peft import get_peft_model
+    from tiny_models import pixels, tiny_model
+
+    from prompt_peft import SemanticProxyVPTConfig
+    from prompt_peft.training import freeze_unused_backbone_parameters, training_step
+
+    for family, unused in [
+        ("ViTModel", ["base_model.model.pooler.dense.weight", "base_model.model.pooler.dense.bias"]),
+        ("Dinov2Model", ["base_model.model.embeddings.mask_token"]),
+    ]:
+        config = SemanticProxyVPTConfig(num_prompts=2, num_class_prompts=2, embedding_dim=8, num_classes=4)
+        model = get_peft_model(tiny_model(family), config).train()
+        build_optimizer(model, lr=1e-3, backbone_lr=1e-4)
+        state = {n: b.clone() for n, b in model.named_buffers() if "semantic_proxies" in n}
+        assert freeze_unused_backbone_parameters(model, pixels(1)) == unused, family
+        assert model.training  # mode restored; the probe ran in eval mode, so no running state moved
+        assert all(torch.equal(b, state[n]) for n, b in model.named_buffers() if n in state)
+        assert all(p.grad is None for p in model.parameters())  # the probe's gradients are not kept
+        training_step(model, pixels(4), torch.tensor([0, 0, 1, 1])).loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert missing == [], family  # every trainable parameter now gets a gradient
