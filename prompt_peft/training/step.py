@@ -4,7 +4,8 @@
    proxy branch too) and returns the local batch's :class:`~prompt_peft.losses.LossInputs` as values; it computes
    no loss and runs no collective.
 2. ``gather(inputs)``: the one gather point, by default the tuner's
-   :meth:`~prompt_peft.tuners.prompted.PromptedTuner.gather_loss_inputs` (identity in one process).
+   :meth:`~prompt_peft.tuners.prompted.PromptedTuner.gather_loss_inputs`: identity in one process, the global batch
+   (every process's rows, with their gradients) under DDP, so N processes train what one process trains.
 3. ``tuner.compute_loss(inputs)``: the adapter's loss object on the (gathered) batch.
 
 The model may be wrapped by DDP (``accelerator.prepare``): step 1 goes through the wrapper's forward, so DDP sees
@@ -56,7 +57,7 @@ def training_step(
 ) -> StepOutput:
     """Forward ``pixel_values`` with ``labels``, gather the loss inputs, compute the loss (see the module doc).
 
-    ``gather`` replaces the tuner's default gather point for this call (e.g. a global-batch gather under DDP).
+    ``gather`` replaces the tuner's default gather point (the global batch under DDP) for this call.
     """
     outputs = model(pixel_values=pixel_values, labels=labels, **{LOSS_INPUTS_KWARG: True})
     inputs = outputs["loss_inputs"] if not isinstance(outputs, tuple) else None

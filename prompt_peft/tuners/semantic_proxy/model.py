@@ -18,7 +18,8 @@ forward hook runs with the same inputs under a context of that branch: the block
 the labels and the head puts the semantic candidates into the context. The loss object
 (:class:`~.proxies.SemanticProxyAnchorLoss`) folds the candidates into the semantic proxies of the batch's classes
 and computes Proxy-Anchor against the mixed proxies. No collective runs inside ``model(...)``: the training step
-(:func:`prompt_peft.training.training_step`) gathers the candidates between the forward and the loss.
+(:func:`prompt_peft.training.training_step`) gathers the loss inputs, candidates included, between the forward
+and the loss.
 Evaluation mode and calls without labels run the sample branch only.
 
 BitFit without touching the backbone: trained biases are per-adapter *deltas* (zero at init) that the wrappers
