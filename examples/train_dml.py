@@ -42,10 +42,11 @@ from prompt_peft.hub import RetrievalResult, push_adapter_to_hub
 from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
     SeededRows,
-    eval_transform,
     load_retrieval_dataset,
     make_collate_fn,
+    preprocessing_of,
     train_transform,
+    transform_from_preprocessing,
     with_rgb_images,
 )
 from prompt_peft.training import clip_grad_norm_ as sparse_aware_clip_grad_norm_
@@ -191,7 +192,8 @@ def run(argv=None):
     train_split = SeededRows(splits["train"], seed=train_args.seed)  # augmentation fixed by (seed, epoch, index)
     processor = AutoImageProcessor.from_pretrained(model_args.backbone)
     train_collate = make_collate_fn(train_transform(processor, data_args.image_size), label_map=label_map)
-    eval_collate = make_collate_fn(eval_transform(processor, data_args.image_size))
+    preprocessing = preprocessing_of(processor, data_args.image_size)  # recorded in the adapter for evaluation
+    eval_collate = make_collate_fn(transform_from_preprocessing(preprocessing, processor))
     eval_splits = {k: v for k, v in splits.items() if k != "train"}
     loader, sampler = build_train_dataloader(
         train_split,
@@ -206,6 +208,7 @@ def run(argv=None):
 
     # ---- model, optimiser, schedule
     model = build_model(model_args, num_classes=len(label_map))
+    model.peft_config["default"].image_preprocessing = preprocessing
     if hasattr(model.base_model, "fit_hierarchy"):
         # SHIP: semantic levels and attribute prototypes from the frozen backbone, before the prompts exist in
         # the optimiser. Every process reads the same unsharded, unshuffled train split: identical levels.

@@ -9,7 +9,7 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 """
 
 from .backbones import SUPPORTED_MODELS, BackboneSpec
-from .loading import from_pretrained
+from .loading import from_pretrained, image_transform
 from .registry import register_method
 from .tuners.frpt import FRPTConfig, FRPTModel
 from .tuners.semantic_proxy import SemanticProxyVPTConfig, SemanticProxyVPTModel
@@ -42,5 +42,6 @@ __all__ = [
     "VPTConfig",
     "VPTModel",
     "from_pretrained",
+    "image_transform",
     "__version__",
 ]

@@ -67,6 +67,13 @@ class PromptedConfig(PeftConfig):
     backbone_num_layers: Optional[int] = field(
         default=None, metadata={"help": "Recorded from the backbone; checked when the adapter is loaded."}
     )
+    image_preprocessing: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "The resolution and preprocessing the adapter was trained with (prompt_peft.data.preprocessing_of"
+            "), recorded by the training script; prompt_peft.image_transform(model) and examples/evaluate.py use it."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -161,7 +168,7 @@ class PromptedBlock(nn.Module, PromptedLayer):
         # Buffers are not adapter layers: set_adapter() would flip requires_grad on them.
         extra_buffers = tuple(cls.prefix + name for name in cls.extra_buffers)
         cls.adapter_layer_names = (cls.prefix + "prompt", cls.prefix + "prompt_proj") + extra_layers
-        cls.other_param_names = ("prompt_step", "prompt_dropout", "shared_projection") + extra_buffers
+        cls.other_param_names = ("prompt_step", "prompt_carried", "prompt_dropout", "shared_projection") + extra_buffers
         cls.other_param_names += tuple(cls.extra_other_param_names)
 
     def __init__(
@@ -185,6 +192,7 @@ class PromptedBlock(nn.Module, PromptedLayer):
         for name in self.extra_other_param_names:
             setattr(self, name, {})
         self.prompt_step: dict[str, PromptStep] = {}
+        self.prompt_carried: dict[str, int] = {}  # prompt tokens that arrive from the previous block
         self.prompt_dropout: dict[str, float] = {}
         self.shared_projection: dict[str, nn.Module] = {}  # plain dict: a reference, not a second owner
         self.update_layer(adapter_name, config)
@@ -198,8 +206,10 @@ class PromptedBlock(nn.Module, PromptedLayer):
         return getattr(self, self.prefix + "prompt_proj")
 
     def update_layer(self, adapter_name: str, config: PromptedConfig) -> None:
-        step = config.prompt_schedule(self.num_layers)[self.index]
+        schedule = config.prompt_schedule(self.num_layers)
+        step = schedule[self.index]
         self.prompt_step[adapter_name] = step
+        self.prompt_carried[adapter_name] = sum(s.new - s.drop - s.strip for s in schedule[: self.index])
         self.prompt_dropout[adapter_name] = getattr(config, "resolved_prompt_dropout", 0.0)
         if step.new:
             self.prompts[adapter_name] = nn.Parameter(self.init_prompts(config, step.new))
@@ -221,12 +231,13 @@ class PromptedBlock(nn.Module, PromptedLayer):
         if adapter is None:
             return self.base_layer(hidden_states, *args, **kwargs)
         step = self.prompt_step[adapter]
+        num_prompts = self.prompt_carried[adapter] - step.drop + step.new
         if step.drop:
             hidden_states = hidden_states[:, : -step.drop]
         if step.new:
             fresh = self.make_prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
             hidden_states = torch.cat([hidden_states, fresh], dim=1)
-        _refuse_attention_mask(args, kwargs)
+        args, kwargs = self.spec.block_inputs(args, kwargs, num_prompts)
         out = self.base_layer(hidden_states, *args, **kwargs)
         return out[:, : -step.strip] if step.strip else out
 
@@ -234,16 +245,6 @@ class PromptedBlock(nn.Module, PromptedLayer):
         """A loss term this block computed in the last forward (e.g. SHIP's prompt matching loss), handed over
         once; the tuner's output hook adds it to the retrieval loss. None for methods without one."""
         return None
-
-
-def _refuse_attention_mask(args: tuple, kwargs: dict) -> None:
-    # ViT-family backbones build no mask for images; a user-given one would not cover the prompt tokens.
-    mask = args[0] if args else kwargs.get("attention_mask")
-    if mask is not None:
-        raise ValueError(
-            "prompt_peft adapters do not support an attention_mask on the backbone: it would not cover the "
-            "prompt tokens. Call the model with pixel_values only."
-        )
 
 
 class EmbeddingHead(nn.Module, PromptedLayer):
@@ -364,11 +365,16 @@ def _find_head(model: nn.Module) -> Optional[EmbeddingHead]:
 
 
 def _take_labels(model: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: keep ``labels`` for our loss so the backbone never sees them."""
+    """Forward pre-hook: keep ``labels`` for our loss so the backbone never sees them, and give the backbone the
+    inputs its family needs for a batch of images (e.g. ``interpolate_pos_encoding`` at a non-native size,
+    SigLIP 2's patch sequences), so every caller can pass ``pixel_values`` of any size alone."""
     head = _find_head(model)
-    adapter = head.running_adapter() if head is not None else None
-    if adapter is None or "labels" not in kwargs:
+    if head is None:
         return None
+    args, kwargs = _family_inputs(model, head.spec, args, kwargs)
+    adapter = head.running_adapter()
+    if adapter is None or "labels" not in kwargs:
+        return args, kwargs
     if not head.head_config[adapter].num_classes:
         if "labels" in inspect.signature(model.forward).parameters:  # e.g. ViTForImageClassification's own loss
             return None
@@ -379,6 +385,18 @@ def _take_labels(model: nn.Module, args: tuple, kwargs: dict):
     kwargs = dict(kwargs)
     head._labels = kwargs.pop("labels")
     return args, kwargs
+
+
+def _family_inputs(model: nn.Module, spec: BackboneSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with ``pixel_values`` (first positional or keyword) expanded by
+    :meth:`BackboneSpec.model_inputs`; keyword arguments the caller gave win."""
+    if len(args) > 1:  # a caller who passes more inputs positionally has built them: leave them alone
+        return args, kwargs
+    pixel_values = args[0] if args else kwargs.get("pixel_values")
+    if not isinstance(pixel_values, torch.Tensor):
+        return args, kwargs
+    args = ()
+    return args, {**spec.model_inputs(model, pixel_values), **{k: v for k, v in kwargs.items() if k != "pixel_values"}}
 
 
 def _take_auxiliary_loss(model: nn.Module) -> Optional[torch.Tensor]:
@@ -445,6 +463,7 @@ class PromptedTuner(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: PromptedConfig, adapter_name: str) -> None:
         self.spec = BackboneSpec.from_model(model)
+        self.spec.check_method(self.prefix)
         self._check_config_fits_backbone(config)
 
     def _check_config_fits_backbone(self, config: PromptedConfig) -> None:

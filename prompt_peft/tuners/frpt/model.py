@@ -37,12 +37,11 @@ class FRPTLayout:
 
     embeddings: str  # takes pixel_values
     head: str  # its output holds the final patch tokens
-    pre_norm: str | None = None  # between embeddings and block 0 (CLIP's pre_layrnorm)
     final_norm: str | None = None  # applied by the head to the head module's output (CLIP's post_layernorm)
 
     @classmethod
     def from_spec(cls, spec: BackboneSpec) -> FRPTLayout:
-        return cls(spec.embeddings, spec.tokens_module, pre_norm=spec.pre_norm, final_norm=spec.tokens_norm)
+        return cls(spec.embeddings, spec.tokens_module, final_norm=spec.tokens_norm)
 
 
 class FRPTLayer(PromptedLayer):
@@ -113,7 +112,7 @@ class PixelPrompt(nn.Module, FRPTLayer):
         config: FRPTConfig,
         spec: BackboneSpec,
         blocks: nn.ModuleList,
-        pre_norm: nn.Module | None = None,
+        model: nn.Module,
     ):
         super().__init__()
         self._init_wrapper(base_layer)
@@ -122,7 +121,7 @@ class PixelPrompt(nn.Module, FRPTLayer):
         self.frpt_gaussian = nn.ParameterDict()  # only with train_gaussian
         self.frpt_gaussian_fixed = BufferDict(persistent=False)  # rebuilt from the config, not saved
         self.dpp_config: dict[str, FRPTConfig] = {}
-        self._backbone = {"blocks": blocks, "pre_norm": pre_norm}  # plain dict: references, not submodules
+        self._backbone = {"blocks": blocks, "model": model}  # plain dict: references, not submodules
         self.update_layer(adapter_name, config)
 
     def __getattr__(self, name: str):
@@ -175,15 +174,14 @@ class PixelPrompt(nn.Module, FRPTLayer):
     def early_features(self, num_blocks: int, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Patch tokens after ``num_blocks`` frozen blocks, as a float32 map ``(B, D, h, w)``."""
         blocks = [_unwrapped(block) for block in list(self._backbone["blocks"])[:num_blocks]]
-        pre_norm = self._backbone["pre_norm"]
-        modules = [self.base_layer, *blocks] + ([pre_norm] if pre_norm is not None else [])
+        modules = [self.base_layer, *blocks]
         trainable = pixel_values.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            hidden = self.base_layer(pixel_values, *args, **kwargs)
-            if pre_norm is not None:
-                hidden = pre_norm(hidden)
+            embedded = self.base_layer(pixel_values, *args, **kwargs)
+            # the backbone's own steps between embeddings and block 0 (pre-norm, position embeddings, rotary tables)
+            hidden, block_kwargs = self.spec.encoder_inputs(self._backbone["model"], embedded, pixel_values)
             for block in blocks:
-                hidden = block(hidden, None)  # ViT-family blocks: (hidden_states, attention_mask) -> tensor
+                hidden = block(hidden, None, **block_kwargs)  # (hidden_states, attention_mask, ...) -> tensor
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         height, width = (size // self.spec.patch_size for size in pixel_values.shape[-2:])
         patches = hidden[:, self.spec.num_prefix_tokens :]
@@ -298,8 +296,8 @@ class FRPTModel(PromptedTuner):
         self.layout = FRPTLayout.from_spec(self.spec)
         # A plain dict: modules set as attributes of the tuner would become its children, and peft saves those.
         self._backbone_parts = {
+            "model": model,
             "blocks": model.get_submodule(self.spec.block_list),
-            "pre_norm": model.get_submodule(self.layout.pre_norm) if self.layout.pre_norm else None,
             "final_norm": model.get_submodule(self.layout.final_norm) if self.layout.final_norm else None,
         }
 
@@ -324,7 +322,7 @@ class FRPTModel(PromptedTuner):
             return
         if current_key == self.layout.embeddings:
             parts = self._backbone_parts
-            new_module = PixelPrompt(target, adapter_name, peft_config, self.spec, parts["blocks"], parts["pre_norm"])
+            new_module = PixelPrompt(target, adapter_name, peft_config, self.spec, parts["blocks"], parts["model"])
         elif current_key == self.layout.head:
             new_module = FRPTHead(
                 target, adapter_name, peft_config, self.spec, final_norm=self._backbone_parts["final_norm"]

@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from ...distributed import gather_across_processes, sparse_gradients_supported
 from ...losses import proxy_anchor_loss
-from ..prompted import _BLOCKS_PATH_ATTR, EmbeddingHead, PromptedBlock, PromptedTuner, _refuse_attention_mask
+from ..prompted import _BLOCKS_PATH_ATTR, EmbeddingHead, PromptedBlock, PromptedTuner
 from .config import SemanticProxyVPTConfig
 from .proxies import SemanticGRUCell, integrate_ema, integrate_gru, mix_proxies
 
@@ -162,7 +162,6 @@ class SemanticProxyBlock(PromptedBlock):
         adapter = self._running_adapter(self.prompt_step)
         if adapter is None:
             return self.base_layer(hidden_states, *args, **kwargs)
-        _refuse_attention_mask(args, kwargs)
         if adapter in self.vptsp_patch_bias:  # block 0 sees the embeddings: patch tokens after the prefix
             prefix = self.spec.num_prefix_tokens
             delta = self.vptsp_patch_bias[adapter].to(hidden_states.dtype)
@@ -172,6 +171,7 @@ class SemanticProxyBlock(PromptedBlock):
         prompts = self.branch_prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
         if prompts is not None:
             hidden_states = torch.cat([hidden_states, prompts], dim=1)
+        args, kwargs = self.spec.block_inputs(args, kwargs, prompts.shape[1] if prompts is not None else 0)
         out = _run(self.vptsp_bitfit, adapter, self.base_layer, hidden_states, *args, **kwargs)
         return out[:, : -prompts.shape[1]] if prompts is not None else out
 

@@ -30,7 +30,6 @@ from ..prompted import (
     PromptedLayer,
     PromptedTuner,
     PromptStep,
-    _refuse_attention_mask,
 )
 from . import attention as ship_attention
 from .config import LayerPlan, SHIPConfig, check_levels
@@ -121,7 +120,6 @@ class SHIPBlock(PromptedBlock):
         plan: Optional[LayerPlan] = self.ship_plan[adapter]
         if plan is None:
             raise RuntimeError(_UNFITTED)
-        _refuse_attention_mask(args, kwargs)
         config: SHIPConfig = self.ship_config[adapter]
         num_image = hidden_states.shape[1] - plan.carried
         if plan.step.new:
@@ -130,13 +128,14 @@ class SHIPBlock(PromptedBlock):
             hidden_states = torch.cat([kept, fresh], dim=1)
         elif plan.step.drop:
             hidden_states = hidden_states[:, : -plan.step.drop]
+        args, kwargs = self.spec.block_inputs(args, kwargs, hidden_states.shape[1] - num_image)
         call = ship_attention.DecoupledCall(
             num_image_tokens=num_image,
             weight=config.decoupled_weight,
             prompts_query=plan.prompts_query,
             query_token=0 if self.spec.num_prefix_tokens else None,  # no [CLS] (SigLIP): the mean image query
         )
-        out = self.base_layer(hidden_states, *args, **kwargs, **{ship_attention.CALL_KWARG: call})
+        out = ship_attention.run_block(self.base_layer, hidden_states, args, kwargs, call)
         if not call.ran:
             raise RuntimeError(
                 "SHIP's decoupled attention did not run: the backbone's attention implementation was changed after "
