@@ -62,7 +62,9 @@ def test_vit_b_parameter_count_follows_the_paper_formula():
     assert cfg.num_prompt_parameters(768) == prompts
     counts = model.base_model.get_parameter_counts()
     assert counts["trainable"] == prompts + head_parameters(100, 768, 128)
-    assert counts["inference"] == prompts + head_parameters(0, 768, 128)
+    prototypes = cfg.num_prototypes * 768  # a buffer: stored, and used at inference
+    assert counts["inference"] == prompts + head_parameters(0, 768, 128) + prototypes
+    assert counts["stored"] == counts["trainable"] + prototypes
     shapes = {n.removeprefix("base_model.model."): p.shape for n, p in model.named_parameters() if p.requires_grad}
     for block in (0, 2, 4, 6, 8, 11):
         assert shapes[f"layers.{block}.ship_prompt.default"] == (50, 768)
@@ -240,8 +242,7 @@ def test_save_and_load_round_trip(name, tmp_path):
     assert all(".default" not in k and "ship_" in k for k in stored)
     prototypes = [k for k in stored if "ship_prototypes" in k]
     assert len(prototypes) == 1 and stored[prototypes[0]].shape == (P, D)
-    parameters = sum(t.numel() for k, t in stored.items() if "prototypes" not in k)
-    assert parameters == model.base_model.get_parameter_counts()["stored"]
+    assert sum(t.numel() for t in stored.values()) == model.base_model.get_parameter_counts()["stored"]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "SHIP" and saved["levels"] == [0, 1, 2]
 

@@ -6,6 +6,7 @@ from .datasets import (
     LOADERS,
     OFFICIAL_COUNTS,
     DatasetCountError,
+    contiguous_labels,
     detect_layout,
     load_cars196,
     load_cub200,
@@ -40,6 +41,7 @@ from .images import (
 )
 
 __all__ = [
+    "contiguous_labels",
     "MPerClassBatchSampler",
     "SeededRows",
     "eval_transform",

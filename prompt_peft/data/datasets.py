@@ -832,3 +832,15 @@ def with_rgb_images(
 ) -> Dataset | DatasetDict:
     """`ds` with `column` decoded on access by `load_rgb` (always RGB, clear errors), then `transform`."""
     return ds.cast_column(column, Image(decode=False)).with_transform(rgb_transform(transform, column))
+
+
+def contiguous_labels(split: Dataset, label_column: str = "label"):
+    """A split's labels as ``0..C-1`` (proxies and class prompts are indexed by class; a data set's ClassLabels
+    may not be contiguous): ``(labels (N,) int64 tensor, {original label: new label})``. Reads the label column
+    only, without decoding images."""
+    import numpy as np
+    import torch
+
+    original = np.asarray(split.with_format("numpy")[label_column]).tolist()
+    mapping = {label: i for i, label in enumerate(sorted(set(original)))}
+    return torch.tensor([mapping[label] for label in original]), mapping

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...registry import add_peft_type
-from ..prompted import PromptedConfig, PromptStep, _check_positive
+from ..prompted import PromptedConfig, _check_positive
 
 PARSERS = ("spatial", "pointwise")
 PARSER_INITS = ("zeros", "default")
@@ -141,14 +141,13 @@ class FRPTConfig(PromptedConfig):
         if self.parser_kernel is None:
             self.parser_kernel = 2 * (token_grid_width // 2) + 1
 
-    def prompt_schedule(self, num_layers: int) -> list[PromptStep]:
-        # FRPT adds no tokens; this only validates the parser's block index against the real depth.
+    def check_depth(self, num_layers: int) -> None:
+        # FRPT adds no tokens; only the parser's block index depends on the depth.
         if self.parser_block > num_layers:
             raise ValueError(
                 f"parser_block={self.parser_block} reaches past the backbone's last block (it has {num_layers} "
                 f"blocks; use 0..{num_layers})."
             )
-        return [PromptStep()] * num_layers
 
 
 def _check_choice(name: str, value, choices: tuple) -> None:

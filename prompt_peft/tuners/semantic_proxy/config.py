@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...registry import add_peft_type
-from ..prompted import PromptedConfig, PromptStep, _check_positive
+from ..prompted import PromptStep, TokenPromptConfig, _check_positive
 
 CLASS_PROMPT_MODES = ("class_only", "shared_and_class")
 INTEGRATIONS = ("gru", "ema")
@@ -13,7 +13,7 @@ POSITIVE_NORMALISATIONS = ("all", "with_positives")
 
 
 @dataclass
-class SemanticProxyVPTConfig(PromptedConfig):
+class SemanticProxyVPTConfig(TokenPromptConfig):
     """Configuration of a VPTSP-G adapter (Ren et al., ICLR 2024). Defaults: the released code (methods.md §3.11).
 
     Two branches through the same frozen ViT (sharing the BitFit bias deltas):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...registry import add_peft_type
-from ..prompted import PromptedConfig, PromptStep, _check_positive
+from ..prompted import PromptStep, TokenPromptConfig, _check_positive
 
 PROMPT_QUERY_MODES = ("last", "all", "none")
 HIERARCHY_FEATURES = ("cls", "mean")
@@ -43,7 +43,7 @@ class LayerPlan:
 
 
 @dataclass
-class SHIPConfig(PromptedConfig):
+class SHIPConfig(TokenPromptConfig):
     """Configuration of a SHIP adapter (methods.md §2); defaults are the paper's code unless noted.
 
     The frozen backbone's blocks are grouped into *semantic levels* (contiguous blocks whose features are
