@@ -38,14 +38,23 @@ def _norm(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().float().norm()
 
 
+def fit_loader():
+    """A few labelled batches for methods with data-dependent state (SHIP's hierarchy)."""
+    return [{"pixel_values": pixels(batch=BATCH, seed=s), "labels": LABELS} for s in range(3)]
+
+
+def build(method: str, family: str, base=None, seed: int = 0):
+    """``method`` on a tiny ``family`` backbone (or on ``base``), fitted to data where needed and moved off its
+    initial values (seeded), so that every check means something."""
+    model = get_peft_model(base if base is not None else tiny_model(family, seed=0), METHODS[method]())
+    model.base_model.fit_to_data(fit_loader())
+    return perturb_adapter(model, seed=seed)
+
+
 def run_case(method: str, family: str) -> dict[str, torch.Tensor]:
     """Embeddings (eval), embeddings + loss (train, with labels), sorted gradient norms, sorted adapter buffer norms
     after one training forward/backward, for one method on one tiny family."""
-    model = get_peft_model(tiny_model(family, seed=0), METHODS[method]())
-    if method == "ship":
-        fit = [{"pixel_values": pixels(batch=BATCH, seed=s), "labels": LABELS} for s in range(3)]
-        model.fit_hierarchy(fit)
-    perturb_adapter(model, seed=0)
+    model = build(method, family)
     batch = pixels(batch=BATCH, seed=7)
     out: dict[str, torch.Tensor] = {}
     model.eval()

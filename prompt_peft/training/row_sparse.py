@@ -12,7 +12,7 @@ non-zero gradient are updated and the Adam moments exist only for rows that were
 
 * ``row_slot`` ``(rows,)`` int64: the row's slot in the moment tables, ``-1`` until first touched;
 * ``row_step`` ``(capacity,)`` int64: per-row step count (Adam's bias correction counts the row's own updates,
-  like lazy Adam; the original memory bank kept one counter per layer, methods.md §3.11.8);
+  like lazy Adam; the original memory bank kept one counter per layer, docs/methods.md, VPTSP-G);
 * ``exp_avg`` / ``exp_avg_sq`` ``(capacity, width)``: grown by doubling, so state grows with the classes seen;
 * ``step``: how many steps touched the table (bookkeeping torch's Adam expects in every state).
 

@@ -12,7 +12,7 @@ PARSERS = ("spatial", "pointwise")
 PARSER_INITS = ("zeros", "default")
 POOLINGS = ("mean", "cls")
 
-# The released code's sampler: a 31 x 31 grid smoothed by a 61 x 61 Gaussian of FWHM 13 cells (methods.md §4.3).
+# The released code's sampler: a 31 x 31 grid smoothed by a 61 x 61 Gaussian of FWHM 13 cells (docs/methods.md, FRPT).
 CODE_GRID_SIZE, CODE_FWHM = 31, 13.0
 # The default parser kernel is sized for the token grid at min(config image size, this) pixels.
 REFERENCE_IMAGE_SIZE = 224
@@ -20,7 +20,7 @@ REFERENCE_IMAGE_SIZE = 224
 
 @dataclass
 class FRPTConfig(PromptedConfig):
-    """Configuration of an FRPT adapter; defaults are the paper's choices, the code's are options (methods.md §4.8).
+    """Configuration of an FRPT adapter; defaults are the paper's choices, the code's are options (docs/methods.md, FRPT).
 
     Two trainable parts on a frozen ViT:
 

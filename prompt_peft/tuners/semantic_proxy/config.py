@@ -1,4 +1,4 @@
-"""SemanticProxyVPTConfig: VPTSP-G, semantic proxies from class-specific visual prompts (methods.md §3)."""
+"""SemanticProxyVPTConfig: VPTSP-G, semantic proxies from class-specific visual prompts (docs/methods.md, VPTSP-G)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ POSITIVE_NORMALISATIONS = ("all", "with_positives")
 
 @dataclass
 class SemanticProxyVPTConfig(TokenPromptConfig):
-    """Configuration of a VPTSP-G adapter (Ren et al., ICLR 2024). Defaults: the released code (methods.md §3.11).
+    """Configuration of a VPTSP-G adapter (Ren et al., ICLR 2024). Defaults: the released code (docs/methods.md, VPTSP-G).
 
     Two branches through the same frozen ViT (sharing the BitFit bias deltas):
 
@@ -51,7 +51,7 @@ class SemanticProxyVPTConfig(TokenPromptConfig):
     class_prompt_mode: str = field(
         default="class_only",
         metadata={
-            "help": "Proxy-branch prompts: 'class_only' (released code) or 'shared_and_class' (paper §4.2: class "
+            "help": "Proxy-branch prompts: 'class_only' (released code) or 'shared_and_class' (paper : class "
             "prompts appended to the shared ones)."
         },
     )

@@ -1,4 +1,4 @@
-"""Semantic proxies: integrating per-sample candidates into a running proxy per class (methods.md §3.4).
+"""Semantic proxies: integrating per-sample candidates into a running proxy per class (docs/methods.md, VPTSP-G).
 
 Pure tensor code, independent of the backbone: the GRU-ReLU cell (VPTSP-G), the EMA update (VPTSP-M), the
 per-class sequential integration over a batch, and the mix with the learnable proxy bias.

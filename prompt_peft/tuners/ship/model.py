@@ -1,5 +1,5 @@
 """The SHIP tuner: the shared prompt mechanism with semantic levels, attribute prompts, decoupled attention and
-the prompt matching loss (methods.md §2).
+the prompt matching loss (docs/methods.md, SHIP).
 
 Where the parameters live (all in block wrappers, so transformers' ``load_adapter`` works too):
 
@@ -74,7 +74,7 @@ class SHIPBlock(PromptedBlock):
         D = self.hidden_size
         K, S, A = config.level_prompt_tokens, config.shared_prompt_tokens, config.attribute_prompt_tokens
         fitted = plan is not None
-        # The official initialisations as explicit bounds (methods.md §2.3): xavier_uniform on (1, K, D),
+        # The official initialisations as explicit bounds (docs/methods.md, SHIP): xavier_uniform on (1, K, D),
         # kaiming_uniform on (S, D) and on (n_a, A, D).
         level = fitted and plan.level_start
         shared = fitted and self.index == 0 and S > 0
