@@ -236,6 +236,8 @@ class Family:
             output to block 0's input (default: ``pre_norm`` if any, no keyword arguments).
         sizes: ``model -> {hidden_size, patch_size, num_channels, image_size}`` (default: from the config).
         refuses: ``{method prefix: reason}`` for methods that cannot run on this family.
+        recomputes_blocks: ``model -> bool``: activation checkpointing is on and the backbone checkpoints its block
+            sequence itself (timm's ``checkpoint_seq``), so the wrapped blocks re-run in the backward pass.
     """
 
     blocks: str
@@ -254,6 +256,7 @@ class Family:
     encoder_inputs: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple]] = None
     sizes: Callable[[nn.Module], dict[str, int]] = field(default=_config_sizes)
     refuses: dict[str, str] = field(default_factory=dict)
+    recomputes_blocks: Optional[Callable[[nn.Module], bool]] = None
 
 
 def _zero(model: nn.Module) -> int:
@@ -284,6 +287,7 @@ def _timm_family(pool_module: str, pool: str, **layout: Any) -> Family:
         model_inputs=_timm_dynamic_size,
         encoder_inputs=_timm_inputs,
         sizes=_timm_sizes,
+        recomputes_blocks=lambda model: bool(model.timm_model.grad_checkpointing) and model.training,
         **layout,
     )
 
@@ -555,6 +559,13 @@ class BackboneSpec:
         if family is not None and family.encoder_inputs is not None:
             return family.encoder_inputs(model.get_submodule(self.base_path), embedded, pixel_values)
         return embedded, {}
+
+    def recomputes_blocks(self, model: nn.Module) -> bool:
+        """True when ``model`` (built from this spec) re-runs whole wrapped blocks in its backward pass (timm's own
+        activation checkpointing wraps the block sequence; transformers checkpoints inside each block)."""
+        family = self.family_layout
+        check = family.recomputes_blocks if family is not None else None
+        return bool(check and check(model.get_submodule(self.base_path)))
 
     def check_method(self, prefix: str) -> None:
         """Raise a ``ValueError`` with the reason when the method with this adapter ``prefix`` cannot run here."""

@@ -271,6 +271,9 @@ class PromptedBlock(nn.Module, PromptedLayer):
         "prompt": Container("parameters", "prompt"),
         "prompt_proj": Container("modules", "prompt"),  # owned by the first prompted layer
     }
+    # False when the block's steps read this call's context (scores of earlier blocks, the branch): they cannot be
+    # re-run outside the call, as a backbone that checkpoints whole wrapped blocks (timm) would in the backward pass
+    recomputable = True
     # shared_projection: references; prompt_carried: prompt tokens arriving from the previous block
     plain_dicts = ("prompt_step", "prompt_carried", "prompt_dropout", "shared_projection")
 
@@ -486,6 +489,8 @@ def _open_call(model: nn.Module, args: tuple, kwargs: dict):
     adapter = head.running_adapter() if head is not None else None
     if head is not None:
         args, kwargs = _family_inputs(model, head.spec, args, kwargs)
+        if adapter is not None and head.spec.recomputes_blocks(model):
+            _check_recomputable(model, head.spec)
     kwargs = dict(kwargs)
     want_inputs = bool(kwargs.pop(LOSS_INPUTS_KWARG, False))
     labels = None
@@ -499,6 +504,17 @@ def _open_call(model: nn.Module, args: tuple, kwargs: dict):
             )
     open_context(ForwardContext(labels=labels, owner=id(model), want_inputs=want_inputs))
     return args, kwargs
+
+
+def _check_recomputable(model: nn.Module, spec: BackboneSpec) -> None:
+    block = model.get_submodule(spec.block_paths[0])
+    if isinstance(block, PromptedBlock) and not block.recomputable:
+        raise ValueError(
+            f"{type(block).__name__} cannot train with {spec.model_class}'s own activation checkpointing: it "
+            "re-runs whole prompted blocks in the backward pass, outside this call, and these blocks read what "
+            "earlier blocks of the call computed. Train without activation checkpointing on this backbone (VPT and "
+            "FRPT support it), or use a transformers ViT, which checkpoints inside each block."
+        )
 
 
 def _family_inputs(model: nn.Module, spec: BackboneSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

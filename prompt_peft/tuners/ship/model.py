@@ -47,6 +47,7 @@ class Links:
 
 class SHIPBlock(PromptedBlock):
     prefix = "ship_"
+    recomputable = False  # the attribute prompts read the previous block's scores of this call
     containers = {
         "shared_prompt": Container("parameters", "prompt"),
         "attribute_prompt": Container("parameters", "prompt"),
