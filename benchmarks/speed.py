@@ -111,7 +111,6 @@ MODELS = {
         "num_classes": 8,
         "ship_levels": [0, 1, 2],
     },
-
 }
 # The other backbone families at the ViT-S/16 shape (random weights): timm's ViT through TimmWrapperModel, DINOv3
 # (4 register tokens, rotary positions) and SigLIP 2 (NaFlex patch sequences, attention-pooling head); and their
@@ -122,8 +121,12 @@ for _family, _label, _skip in (
     ("siglip2", "SigLIP 2 ViT-S/16-shaped", ("frpt",)),
 ):
     MODELS[f"{_family}-s16"] = {**MODELS["vit-s16"], "label": _label, "family": _family, "skip_rows": _skip}
-    MODELS[f"tiny-{_family}"] = {**MODELS["tiny"], "label": f"tiny {_family} (test shape)", "family": _family,
-                                 "skip_rows": _skip}
+    MODELS[f"tiny-{_family}"] = {
+        **MODELS["tiny"],
+        "label": f"tiny {_family} (test shape)",
+        "family": _family,
+        "skip_rows": _skip,
+    }
 
 # Row key -> label. Every row is built by build_row(); full_ft is the baseline of the training ratios.
 ROWS = {
@@ -198,8 +201,14 @@ def build_backbone(model_key: str, seed: int):
         config = transformers.ViTConfig(**shape, image_size=size, patch_size=patch)
         return transformers.ViTModel(config, add_pooling_layer=False)
     if family == "timm":
-        args = dict(img_size=size, patch_size=patch, embed_dim=shape["hidden_size"], depth=shape["num_hidden_layers"],
-                    num_heads=shape["num_attention_heads"], mlp_ratio=shape["intermediate_size"] / shape["hidden_size"])
+        args = dict(
+            img_size=size,
+            patch_size=patch,
+            embed_dim=shape["hidden_size"],
+            depth=shape["num_hidden_layers"],
+            num_heads=shape["num_attention_heads"],
+            mlp_ratio=shape["intermediate_size"] / shape["hidden_size"],
+        )
         config = transformers.TimmWrapperConfig(architecture="vit_small_patch16_224", model_args=args)
         return transformers.TimmWrapperModel(config)
     if family == "dinov3":

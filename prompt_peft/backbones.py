@@ -296,9 +296,7 @@ FAMILIES: dict[str, Family] = {
     "vit": Family("layers", "embeddings", "layernorm", "first_token", _one),
     "deit": Family("layers", "embeddings", "layernorm", "first_token", lambda m: 2),
     # DINOv2 always interpolates its position embeddings to the input size.
-    "dinov2": Family(
-        "encoder.layer", "embeddings", "layernorm", "first_token", _one, resolution_kwargs=_no_kwargs
-    ),
+    "dinov2": Family("encoder.layer", "embeddings", "layernorm", "first_token", _one, resolution_kwargs=_no_kwargs),
     "dinov2_with_registers": Family(
         "encoder.layer",
         "embeddings",
@@ -424,7 +422,11 @@ def _timm_family_of(vit: nn.Module) -> str:
             f"this timm ViT pools with global_pool={pool!r}, which prompt_peft does not read; supported: "
             f"{sorted(_TIMM_POOLINGS)} (create it with global_pool='token' or 'avg')."
         )
-    if not isinstance(vit.patch_drop, nn.Identity) or vit.pos_embed is None or not isinstance(vit.norm_pre, nn.Identity):
+    if (
+        not isinstance(vit.patch_drop, nn.Identity)
+        or vit.pos_embed is None
+        or not isinstance(vit.norm_pre, nn.Identity)
+    ):
         raise ValueError(
             "prompt_peft needs a timm ViT with absolute position embeddings, no patch dropout and no pre-norm "
             "(norm_pre): the augreg / DeiT / DINO layouts."

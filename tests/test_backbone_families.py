@@ -21,7 +21,9 @@ from prompt_peft.retrieval.extract import pooled_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CASES = [(method, family) for family in NEW_BARE for method in METHODS if (method, family) != ("frpt", "Siglip2VisionModel")]
+CASES = [
+    (method, family) for family in NEW_BARE for method in METHODS if (method, family) != ("frpt", "Siglip2VisionModel")
+]
 
 
 def adapted(method: str, family: str, model=None):
@@ -66,8 +68,9 @@ def test_method_on_family_disable_unload_reload_train(method, family, tmp_path):
 
     unloaded = model.unload().eval()
     with torch.no_grad():
-        assert torch.equal(unloaded(**BackboneSpec.from_model(unloaded).model_inputs(unloaded, batch)).last_hidden_state,
-                           reference)
+        assert torch.equal(
+            unloaded(**BackboneSpec.from_model(unloaded).model_inputs(unloaded, batch)).last_hidden_state, reference
+        )
     assert set(unloaded.state_dict()) == set(tiny_model(family).state_dict())
 
 
@@ -105,10 +108,16 @@ def vit_from_timm(timm_model) -> transformers.ViTModel:
         for part in ("weight", "bias"):
             q, k, v = source[b + f"attn.qkv.{part}"].chunk(3)
             target |= {t + f"attention.q_proj.{part}": q, t + f"attention.k_proj.{part}": k}
-            target |= {t + f"attention.v_proj.{part}": v, t + f"attention.o_proj.{part}": source[b + f"attn.proj.{part}"]}
+            target |= {
+                t + f"attention.v_proj.{part}": v,
+                t + f"attention.o_proj.{part}": source[b + f"attn.proj.{part}"],
+            }
             target |= {t + f"layernorm_before.{part}": source[b + f"norm1.{part}"]}
             target |= {t + f"layernorm_after.{part}": source[b + f"norm2.{part}"]}
-            target |= {t + f"mlp.fc1.{part}": source[b + f"mlp.fc1.{part}"], t + f"mlp.fc2.{part}": source[b + f"mlp.fc2.{part}"]}
+            target |= {
+                t + f"mlp.fc1.{part}": source[b + f"mlp.fc1.{part}"],
+                t + f"mlp.fc2.{part}": source[b + f"mlp.fc2.{part}"],
+            }
     missing, _ = vit.load_state_dict(target, strict=False)
     assert all(name.startswith("pooler.") for name in missing)
     return vit.eval()
@@ -137,7 +146,9 @@ def test_timm_vit_gives_the_numbers_of_the_same_transformers_vit(method):
     vit = vit_from_timm(timm_backbone)
     batch = pixels(batch=4, seed=7)
     with torch.no_grad():
-        assert torch.allclose(timm_backbone(batch).last_hidden_state, vit(pixel_values=batch).last_hidden_state, atol=1e-5)
+        assert torch.allclose(
+            timm_backbone(batch).last_hidden_state, vit(pixel_values=batch).last_hidden_state, atol=1e-5
+        )
     on_timm, on_vit = adapted(method, "TimmWrapperModel", timm_backbone), adapted(method, "ViTModel", vit)
     copy_adapter(on_timm, on_vit)
     with torch.no_grad():
@@ -166,10 +177,12 @@ def test_timm_non_native_size_is_timm_dynamic_size_and_exact_at_native_size():
 
 def test_timm_pooling_variants_read_what_timm_pools():
     batch = pixels(batch=2, seed=3)
-    for args, family in [({"global_pool": "avg", "fc_norm": True}, "timm_vit_avg_fc_norm"),
-                         ({"global_pool": "avg", "fc_norm": False}, "timm_vit_avg"),
-                         ({"global_pool": "map"}, "timm_vit_map"),
-                         ({"reg_tokens": 2}, "timm_vit")]:
+    for args, family in [
+        ({"global_pool": "avg", "fc_norm": True}, "timm_vit_avg_fc_norm"),
+        ({"global_pool": "avg", "fc_norm": False}, "timm_vit_avg"),
+        ({"global_pool": "map"}, "timm_vit_map"),
+        ({"reg_tokens": 2}, "timm_vit"),
+    ]:
         backbone = tiny_model("TimmWrapperModel", model_args=args)
         spec = BackboneSpec.from_model(backbone)
         assert spec.family == family
@@ -189,11 +202,18 @@ def test_ship_end_to_end_on_a_saved_random_timm_model_loaded_with_automodel(tmp_
     transformers.TimmWrapperModel(config).save_pretrained(tmp_path / "timm-vit")
     backbone = AutoModel.from_pretrained(tmp_path / "timm-vit")
     assert type(backbone).__name__ == "TimmWrapperModel"
-    model = get_peft_model(backbone, prompt_peft.SHIPConfig(
-        num_attribute_prompts=1, level_prompt_tokens=2, shared_prompt_tokens=1, attribute_prompt_tokens=3,
-        num_prototypes=4,
-        embedding_dim=EMB, num_classes=CLASSES,
-    ))
+    model = get_peft_model(
+        backbone,
+        prompt_peft.SHIPConfig(
+            num_attribute_prompts=1,
+            level_prompt_tokens=2,
+            shared_prompt_tokens=1,
+            attribute_prompt_tokens=3,
+            num_prototypes=4,
+            embedding_dim=EMB,
+            num_classes=CLASSES,
+        ),
+    )
     model.fit_hierarchy([{"pixel_values": pixels(batch=4, seed=s), "labels": LABELS} for s in range(3)])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
@@ -264,8 +284,11 @@ def test_siglip2_padding_is_masked_and_prompts_are_always_attended(method):
     }
     with torch.no_grad():
         together = model(**batch).embeddings
-        single = model(pixel_values=alone, pixel_attention_mask=torch.ones(1, 8, dtype=torch.long),
-                       spatial_shapes=torch.tensor([[2, 4]])).embeddings
+        single = model(
+            pixel_values=alone,
+            pixel_attention_mask=torch.ones(1, 8, dtype=torch.long),
+            spatial_shapes=torch.tensor([[2, 4]]),
+        ).embeddings
         first = model(**full).embeddings
     assert torch.allclose(together[1], single[0], atol=1e-5)
     assert torch.allclose(together[0], first[0], atol=1e-5)

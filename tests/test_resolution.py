@@ -41,7 +41,11 @@ PROCESSORS = {
     "Siglip2VisionModel": lambda: transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16),
 }
 TIMM_PRETRAINED_CFG = {  # what timm's Hub configs carry: the processor is built from it
-    "input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
+    "input_size": [3, 32, 32],
+    "interpolation": "bicubic",
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "crop_pct": 0.875,
     "crop_mode": "center",
 }
 
@@ -62,8 +66,9 @@ def save_backbone(family: str, folder) -> None:
 def test_family_at_a_non_native_size_trains_evaluates_and_serves(family, workspace, tmp_path):
     backbone = tmp_path / "backbone"
     save_backbone(family, backbone)
-    argv = train_args(workspace, tmp_path / "run", "--image_size", str(OTHER), "--max_steps", "1",
-                      "--eval_every_epochs", "0")
+    argv = train_args(
+        workspace, tmp_path / "run", "--image_size", str(OTHER), "--max_steps", "1", "--eval_every_epochs", "0"
+    )
     argv[argv.index("--backbone") + 1] = str(backbone)
     summary, trained = load_train().run(argv)
     assert summary["steps"] == 1 and np.isfinite(summary["history"]["loss"][0][1])
@@ -72,11 +77,25 @@ def test_family_at_a_non_native_size_trains_evaluates_and_serves(family, workspa
     assert recorded["image_size"] == OTHER and recorded["processor"] is False
 
     # evaluate.py, no --image_size: the adapter's recorded resolution, the training run's numbers
-    result = load_evaluate().main([
-        "--adapter", str(tmp_path / "run" / "adapter"), "--backbone", str(backbone), "--dataset", "imagefolder",
-        "--data_root", str(workspace / "images"), "--no_check_counts", "--batch_size", "8", "--num_workers", "0",
-        "--output", str(tmp_path / "eval.json"),
-    ])
+    result = load_evaluate().main(
+        [
+            "--adapter",
+            str(tmp_path / "run" / "adapter"),
+            "--backbone",
+            str(backbone),
+            "--dataset",
+            "imagefolder",
+            "--data_root",
+            str(workspace / "images"),
+            "--no_check_counts",
+            "--batch_size",
+            "8",
+            "--num_workers",
+            "0",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert result["image_size"] == OTHER
     assert result["metrics"] == pytest.approx(summary["final_metrics"], abs=1e-6)
 
@@ -99,8 +118,13 @@ def test_the_bare_backbone_embeds_at_a_non_native_size(family):
     with torch.no_grad():
         native = pooled_features(model, pixels(batch=2, size=NATIVE))
         other = pooled_features(model, pixels(batch=2, size=OTHER))
-        plain = model(**({"pixel_values": pixels(batch=2, size=NATIVE)} if spec.family_layout.model_inputs is None
-                         else spec.model_inputs(model, pixels(batch=2, size=NATIVE))))
+        plain = model(
+            **(
+                {"pixel_values": pixels(batch=2, size=NATIVE)}
+                if spec.family_layout.model_inputs is None
+                else spec.model_inputs(model, pixels(batch=2, size=NATIVE))
+            )
+        )
     assert other.shape == native.shape and torch.isfinite(other).all()
     pooled = plain.pooler_output if spec.pool == "identity" else None
     if pooled is not None:
@@ -110,15 +134,32 @@ def test_the_bare_backbone_embeds_at_a_non_native_size(family):
 def test_evaluate_warns_when_the_size_differs_from_the_adapters(workspace, tmp_path, capsys):
     backbone = tmp_path / "backbone"
     save_backbone("ViTModel", backbone)
-    argv = train_args(workspace, tmp_path / "run", "--image_size", str(OTHER), "--max_steps", "1",
-                      "--eval_every_epochs", "0")
+    argv = train_args(
+        workspace, tmp_path / "run", "--image_size", str(OTHER), "--max_steps", "1", "--eval_every_epochs", "0"
+    )
     argv[argv.index("--backbone") + 1] = str(backbone)
     load_train().run(argv)
-    result = load_evaluate().main([
-        "--adapter", str(tmp_path / "run" / "adapter"), "--backbone", str(backbone), "--dataset", "imagefolder",
-        "--data_root", str(workspace / "images"), "--no_check_counts", "--batch_size", "8", "--num_workers", "0",
-        "--image_size", "40", "--output", str(tmp_path / "eval.json"),
-    ])
+    result = load_evaluate().main(
+        [
+            "--adapter",
+            str(tmp_path / "run" / "adapter"),
+            "--backbone",
+            str(backbone),
+            "--dataset",
+            "imagefolder",
+            "--data_root",
+            str(workspace / "images"),
+            "--no_check_counts",
+            "--batch_size",
+            "8",
+            "--num_workers",
+            "0",
+            "--image_size",
+            "40",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert result["image_size"] == 40
     assert "trained at 48 px; evaluating at 40 px" in capsys.readouterr().out
 

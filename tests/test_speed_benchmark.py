@@ -171,13 +171,21 @@ def test_the_other_families_have_rows(tmp_path):
     argv = ["--models", ",".join(families), "--methods", "vpt_deep,frpt", "--warmup", "1", "--steps", "1"]
     argv += ["--infer_batches", "1", "--load_repeats", "1", "--threads", "1", "--output_dir", str(tmp_path)]
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *argv], check=False, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, str(SCRIPT), *argv],
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "speed-cpu.json").read_text())
-    expected = {"tiny-timm": {"full_ft", "vpt_deep", "frpt"}, "tiny-dinov3": {"full_ft", "vpt_deep", "frpt"},
-                "tiny-siglip2": {"full_ft", "vpt_deep"}}
+    expected = {
+        "tiny-timm": {"full_ft", "vpt_deep", "frpt"},
+        "tiny-dinov3": {"full_ft", "vpt_deep", "frpt"},
+        "tiny-siglip2": {"full_ft", "vpt_deep"},
+    }
     for family in families:
         rows = {r["row"]: r for r in data["models"][family]["rows"]}
         assert set(rows) == expected[family]
