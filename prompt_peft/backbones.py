@@ -30,7 +30,7 @@ Families beyond transformers' own ViTs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -343,31 +343,6 @@ FAMILIES: dict[str, Family] = {
         block_inputs=_rope_identity_for_prompts,
         encoder_inputs=_dinov3_inputs,
     ),
-    # SigLIP 2 (NaFlex): like SigLIP, on patch sequences with an attention mask; any size by construction.
-    "siglip2": Family(
-        "encoder.layers",
-        "embeddings",
-        "head",
-        "identity",
-        _zero,
-        tokens_module="post_layernorm",
-        unwrapped_norm="before_head",
-        model_inputs=_siglip2_inputs,
-        block_inputs=_masked_block_inputs,
-        sizes=_siglip2_sizes,
-        refuses={"frpt_": _FRPT_ON_PATCH_SEQUENCES},
-    ),
-    "siglip2_no_head": Family(
-        "encoder.layers",
-        "embeddings",
-        "post_layernorm",
-        "mean",
-        _zero,
-        model_inputs=_siglip2_inputs,
-        block_inputs=_masked_block_inputs,
-        sizes=_siglip2_sizes,
-        refuses={"frpt_": _FRPT_ON_PATCH_SEQUENCES},
-    ),
     # timm's VisionTransformer through TimmWrapperModel, one entry per pooling (timm's global_pool / fc_norm).
     "timm_vit": _timm_family("timm_model.norm", "first_token"),
     "timm_vit_avg": _timm_family("timm_model.norm", "patch_mean"),
@@ -376,6 +351,16 @@ FAMILIES: dict[str, Family] = {
         "timm_model.attn_pool", "identity", tokens_module="timm_model.norm", unwrapped_norm="before_head"
     ),
 }
+
+# SigLIP 2 (NaFlex): SigLIP's layout (with or without its pooling head), on patch sequences with an attention mask.
+_SIGLIP2 = dict(
+    model_inputs=_siglip2_inputs,
+    block_inputs=_masked_block_inputs,
+    sizes=_siglip2_sizes,
+    refuses={"frpt_": _FRPT_ON_PATCH_SEQUENCES},
+)
+FAMILIES["siglip2"] = replace(FAMILIES["siglip"], **_SIGLIP2)
+FAMILIES["siglip2_no_head"] = replace(FAMILIES["siglip_no_head"], **_SIGLIP2)
 
 # Supported model classes -> (family, attribute path of the bare backbone inside the model).
 SUPPORTED_MODELS: dict[str, tuple[str, str]] = {

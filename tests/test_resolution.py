@@ -62,8 +62,8 @@ def save_backbone(family: str, folder) -> None:
     PROCESSORS[family]().save_pretrained(folder)
 
 
-@pytest.mark.parametrize("family", BARE + NEW_BARE)
-def test_family_at_a_non_native_size_trains_evaluates_and_serves(family, workspace, tmp_path):
+def train_at_other_size(family, workspace, tmp_path):
+    """``examples/train_dml.py`` at ``OTHER`` px for one optimiser step on a saved tiny ``family`` backbone."""
     backbone = tmp_path / "backbone"
     save_backbone(family, backbone)
     argv = train_args(
@@ -71,31 +71,27 @@ def test_family_at_a_non_native_size_trains_evaluates_and_serves(family, workspa
     )
     argv[argv.index("--backbone") + 1] = str(backbone)
     summary, trained = load_train().run(argv)
+    return backbone, summary, trained
+
+
+def evaluate_adapter(backbone, workspace, tmp_path, *extra):
+    """``examples/evaluate.py`` on the trained adapter (``extra``: more arguments, e.g. ``--image_size``)."""
+    adapter, images = tmp_path / "run" / "adapter", workspace / "images"
+    argv = ["--adapter", str(adapter), "--backbone", str(backbone), "--dataset", "imagefolder"]
+    argv += ["--data_root", str(images), "--no_check_counts", "--batch_size", "8", "--num_workers", "0"]
+    return load_evaluate().main([*argv, *extra, "--output", str(tmp_path / "eval.json")])
+
+
+@pytest.mark.parametrize("family", BARE + NEW_BARE)
+def test_family_at_a_non_native_size_trains_evaluates_and_serves(family, workspace, tmp_path):
+    backbone, summary, trained = train_at_other_size(family, workspace, tmp_path)
     assert summary["steps"] == 1 and np.isfinite(summary["history"]["loss"][0][1])
 
     recorded = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["image_preprocessing"]
     assert recorded["image_size"] == OTHER and recorded["processor"] is False
 
     # evaluate.py, no --image_size: the adapter's recorded resolution, the training run's numbers
-    result = load_evaluate().main(
-        [
-            "--adapter",
-            str(tmp_path / "run" / "adapter"),
-            "--backbone",
-            str(backbone),
-            "--dataset",
-            "imagefolder",
-            "--data_root",
-            str(workspace / "images"),
-            "--no_check_counts",
-            "--batch_size",
-            "8",
-            "--num_workers",
-            "0",
-            "--output",
-            str(tmp_path / "eval.json"),
-        ]
-    )
+    result = evaluate_adapter(backbone, workspace, tmp_path)
     assert result["image_size"] == OTHER
     assert result["metrics"] == pytest.approx(summary["final_metrics"], abs=1e-6)
 
@@ -110,56 +106,39 @@ def test_family_at_a_non_native_size_trains_evaluates_and_serves(family, workspa
         assert torch.allclose(pooled_features(served, batch), pooled_features(trained, batch), atol=1e-6)
 
 
-@pytest.mark.parametrize("family", BARE + NEW_BARE)
+# What each family's own forward takes for a non-native size (SigLIP 2 and timm: tests/test_backbone_families.py).
+EXPLICIT = {
+    "ViTModel": {"interpolate_pos_encoding": True},
+    "DeiTModel": {"interpolate_pos_encoding": True},
+    "Dinov2Model": {},
+    "Dinov2WithRegistersModel": {},
+    "CLIPVisionModel": {"interpolate_pos_encoding": True},
+    "SiglipVisionModel": {"interpolate_pos_encoding": True},
+    "DINOv3ViTModel": {},
+}
+
+
+@pytest.mark.parametrize("family", list(EXPLICIT))
 def test_the_bare_backbone_embeds_at_a_non_native_size(family):
-    """The frozen baseline (evaluate.py without an adapter) runs at any size too, and the native size is unchanged."""
+    """The frozen baseline (evaluate.py without an adapter) at another size is the family's own interpolating call,
+    and at the native size its plain call."""
     model = tiny_model(family)
     spec = BackboneSpec.from_model(model)
+
+    def reference(images, **kwargs):
+        out = model(pixel_values=images, **kwargs)
+        pooled = out.pooler_output if spec.pool == "identity" else out.last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    native, other = pixels(batch=2, size=NATIVE), pixels(batch=2, size=OTHER)
     with torch.no_grad():
-        native = pooled_features(model, pixels(batch=2, size=NATIVE))
-        other = pooled_features(model, pixels(batch=2, size=OTHER))
-        plain = model(
-            **(
-                {"pixel_values": pixels(batch=2, size=NATIVE)}
-                if spec.family_layout.model_inputs is None
-                else spec.model_inputs(model, pixels(batch=2, size=NATIVE))
-            )
-        )
-    assert other.shape == native.shape and torch.isfinite(other).all()
-    pooled = plain.pooler_output if spec.pool == "identity" else None
-    if pooled is not None:
-        assert torch.allclose(native, torch.nn.functional.normalize(pooled, dim=-1), atol=1e-6)
+        assert torch.equal(pooled_features(model, native), reference(native))
+        assert torch.allclose(pooled_features(model, other), reference(other, **EXPLICIT[family]), atol=1e-6)
 
 
 def test_evaluate_warns_when_the_size_differs_from_the_adapters(workspace, tmp_path, capsys):
-    backbone = tmp_path / "backbone"
-    save_backbone("ViTModel", backbone)
-    argv = train_args(
-        workspace, tmp_path / "run", "--image_size", str(OTHER), "--max_steps", "1", "--eval_every_epochs", "0"
-    )
-    argv[argv.index("--backbone") + 1] = str(backbone)
-    load_train().run(argv)
-    result = load_evaluate().main(
-        [
-            "--adapter",
-            str(tmp_path / "run" / "adapter"),
-            "--backbone",
-            str(backbone),
-            "--dataset",
-            "imagefolder",
-            "--data_root",
-            str(workspace / "images"),
-            "--no_check_counts",
-            "--batch_size",
-            "8",
-            "--num_workers",
-            "0",
-            "--image_size",
-            "40",
-            "--output",
-            str(tmp_path / "eval.json"),
-        ]
-    )
+    backbone, _, _ = train_at_other_size("ViTModel", workspace, tmp_path)
+    result = evaluate_adapter(backbone, workspace, tmp_path, "--image_size", "40")
     assert result["image_size"] == 40
     assert "trained at 48 px; evaluating at 40 px" in capsys.readouterr().out
 
