@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from peft import get_peft_model
 from PIL import Image
 from test_evaluate_script import load_script as load_evaluate
 from test_train_dml import args as train_args
@@ -164,3 +165,12 @@ def test_timm_scheme_is_timms_own_evaluation_transform(tmp_path):
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (45, 60, 3), dtype=np.uint8))
     expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
     assert torch.equal(transform_from_preprocessing(scheme)(image), expected)
+
+
+def test_image_transform_without_a_recorded_preprocessing_needs_the_processor():
+    model = get_peft_model(tiny_model("ViTModel"), prompt_peft.VPTConfig(num_prompts=2, embedding_dim=8))
+    with pytest.raises(ValueError, match="records no image preprocessing"):
+        prompt_peft.image_transform(model)
+    processor = PROCESSORS["ViTModel"]()
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 52, 3), dtype=np.uint8))
+    assert torch.equal(prompt_peft.image_transform(model, processor)(image), eval_transform(processor)(image))
