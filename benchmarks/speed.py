@@ -823,7 +823,8 @@ def to_markdown(report: dict) -> str:
     )
     precision = "bf16 autocast" if args["dtype"] == "bf16" else "float32"
     setup = (
-        f"Setup: random-weight `ViTModel` (sdpa attention, no pooler), one seeded batch of {args['batch_size']} "
+        f"Setup: random-weight `ViTModel` (sdpa attention, no pooler; the timm, DINOv3 and SigLIP 2 shapes: that "
+        f"family's model), one seeded batch of {args['batch_size']} "
         f"images ({args['m_per_class']} per class), {precision}. Step = forward + loss + backward + AdamW step "
         "(`build_optimizer`, lr 1e-3) + `zero_grad`. All rows of a model run in one process, one step each per round "
         f"in a rotating order: {args['warmup']} warm-up round(s), then the median of {args['steps']} timed rounds. "
