@@ -11,6 +11,8 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 from .backbones import SUPPORTED_MODELS, BackboneSpec
 from .loading import from_pretrained
 from .registry import register_method
+from .strict_loading import AdapterMismatchError
+from .strict_loading import install as _install_strict_loading
 from .tuners.frpt import FRPTConfig, FRPTModel
 from .tuners.semantic_proxy import SemanticProxyVPTConfig, SemanticProxyVPTModel
 from .tuners.ship import SHIPConfig, SHIPModel
@@ -28,8 +30,10 @@ METHODS = {
 }
 for _config_cls, _model_cls in METHODS.values():
     register_method(_model_cls.prefix.removesuffix("_"), _config_cls, _model_cls)
+_install_strict_loading()  # transformers' load_adapter: strict for prompt_peft adapters
 
 __all__ = [
+    "AdapterMismatchError",
     "BackboneSpec",
     "FRPTConfig",
     "FRPTModel",
