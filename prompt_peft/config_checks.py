@@ -173,7 +173,7 @@ def parse_method_kwargs(text: str, config_cls: type, method: str, **fixed: Any) 
     try:
         config_cls(**fixed, **options)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"--method_kwargs: {error}") from error
+        raise ConfigError(f"--method {method} settings: {error}") from error
     return options
 
 
