@@ -19,7 +19,6 @@ from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
-    LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
@@ -91,7 +90,7 @@ def check_backbone_source(name: str | os.PathLike, revision: str | None = None) 
         return
     if constants.HF_HUB_OFFLINE:
         if not isinstance(try_to_load_from_cache(text, "config.json", revision=revision), str):
-            raise LocalEntryNotFoundError(
+            raise HubUnreachableError(
                 f"--backbone {text}: HF_HUB_OFFLINE is set and the model is not in the local Hub cache. "
                 + _backbone_hint(text)
             )

@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 PEFT_PREFIX = "base_model.model."
+INFERENCE_EXPORT_NOTE = (
+    "This is an inference-only adapter (exactly its training-only parts are missing): it loads for retrieval, not "
+    "to train further (is_trainable=True)."
+)
 
 
 class AdapterMismatchError(ValueError):
@@ -41,6 +45,7 @@ def mismatch_message(
     unexpected: Iterable[str],
     mis_shaped: Iterable[tuple[str, tuple, tuple]],
     source: str | None = None,
+    note: str | None = None,
 ) -> str:
     """The error text: which tensors are missing, unexpected or of the wrong shape, and what to check."""
     missing, unexpected, mis_shaped = sorted(set(missing)), sorted(set(unexpected)), sorted(set(mis_shaped))
@@ -83,6 +88,8 @@ def mismatch_message(
             "Check that adapter_config.json belongs to these weights (peft_type, deep, num_prompts, "
             "prompt_layers, num_classes, embedding_dim, ... must be the values the adapter was trained with)."
         )
+    if note:
+        lines.append(note)
     return "\n  ".join(lines)
 
 
@@ -106,7 +113,14 @@ def check_adapter_state_dict(
         return tuner_cls._remove_adapter_name_from_key(key, adapter_name).removeprefix(PEFT_PREFIX)
 
     found = {key if has_prefix else key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
-    missing = [shown(key) for key in expected - set(found)]
+    absent = expected - set(found)
+    note = None
+    if is_inference_export(absent, training_only_keys(model, adapter_name)):
+        if config.inference_mode:
+            absent = set()
+        else:
+            note = INFERENCE_EXPORT_NOTE
+    missing = [shown(key) for key in absent]
     unexpected = [shown(key) for key in set(found) - expected]
     mis_shaped = [
         (shown(key), tuple(found[key].shape), tuple(model_state[key].shape))
@@ -114,7 +128,28 @@ def check_adapter_state_dict(
         if tuple(found[key].shape) != tuple(model_state[key].shape)
     ]
     if missing or unexpected or mis_shaped:
-        raise AdapterMismatchError(mismatch_message(config.peft_type.value, missing, unexpected, mis_shaped))
+        raise AdapterMismatchError(mismatch_message(config.peft_type.value, missing, unexpected, mis_shaped, note=note))
+
+
+def training_only_keys(model: nn.Module, adapter_name: str) -> set[str]:
+    """Model state keys of ``adapter_name``'s training-only parts (proxies, a classifier, ...: the containers a
+    layer lists in ``training_only_suffixes``), which an inference-only export leaves out."""
+    from .tuners.prompted import PromptedLayer
+
+    prefixes = [
+        f"{name}.{attr}.{adapter_name}".lstrip(".")
+        for name, module in model.named_modules()
+        if isinstance(module, PromptedLayer)
+        for attr, _ in module.named_children()
+        if attr != "base_layer" and attr.endswith(module.training_only_suffixes)
+    ]
+    return {key for key in model.state_dict() if any(key == p or key.startswith(p + ".") for p in prefixes)}
+
+
+def is_inference_export(absent: set[str], training_only: set[str]) -> bool:
+    """True when exactly the training-only tensors are absent: an adapter saved for retrieval only (e.g. with
+    ``inference_state_dict()``), which loads for inference; any other gap is damage."""
+    return bool(absent) and absent == training_only
 
 
 def _is_prompt_peft_config(config) -> bool:
@@ -150,6 +185,12 @@ def _strict_transformers_load_adapter(load_adapter):
         )
         markers = (f".{name}", *_prompt_peft_prefixes())
         missing = [key for key in info.missing_keys if any(m in key for m in markers)]
+        note = None
+        if is_inference_export(set(missing), training_only_keys(self, name)):
+            if self.peft_config[name].inference_mode:
+                missing = []
+            else:
+                note = INFERENCE_EXPORT_NOTE
         if missing or info.unexpected_keys or info.mismatched_keys:
             peft_type = self.peft_config[name].peft_type.value
             _remove_adapter(self, name)
@@ -164,6 +205,7 @@ def _strict_transformers_load_adapter(load_adapter):
                     [shown(k) for k in info.unexpected_keys],
                     [(shown(k), tuple(a), tuple(b)) for k, a, b in info.mismatched_keys],
                     source=str(peft_model_id) if peft_model_id else None,
+                    note=note,
                 )
             )
         return info

@@ -70,8 +70,8 @@ def _damage(root, kind):
             _edit_config(target, embedding_dim=16)
         elif kind == "extra_tensor":
             _edit_weights(target, lambda t: t.update({"base_model.model.layers.1.vpt_prompt_extra": torch.zeros(2)}))
-        elif kind == "proxies_deleted":
-            _edit_weights(target, lambda t: t.pop("base_model.model.layernorm.vpt_proxies"))
+        elif kind == "head_deleted":
+            _edit_weights(target, lambda t: t.pop("base_model.model.layernorm.vpt_head_proj.weight"))
     return target
 
 
@@ -100,7 +100,7 @@ DAMAGES = {
     "num_prompts_changed": r"Wrong shape \(file vs config\): layers\.0\.vpt_prompt \[4, 32\] vs \[6, 32\]",
     "embedding_dim_changed": r"Wrong shape.*layernorm\.vpt_head_proj\.weight \[512, 32\] vs \[16, 32\]",
     "extra_tensor": r"not in the adapter the config describes \(1\): layers\.1\.vpt_prompt_extra",
-    "proxies_deleted": r"Missing from the weights file \(1\): layernorm\.vpt_proxies",
+    "head_deleted": r"Missing from the weights file \(1\): layernorm\.vpt_head_proj\.weight",
     "vpt_under_frpt_config": r"FRPT adapter.*Missing.*frpt_parser.*The weights look like a vpt adapter",
     "vptsp_under_vpt_config": r"VPT adapter.*The weights look like a semantic_proxy adapter",
 }
@@ -146,3 +146,37 @@ def test_second_adapter_through_peft_load_adapter(adapters):
     model = PeftModel.from_pretrained(ViTModel.from_pretrained(adapters / "base"), adapters / "vpt")
     with pytest.raises(AdapterMismatchError, match="layers.0.vpt_prompt"):
         model.load_adapter(str(_damage(adapters, "prompt_deleted")), adapter_name="second")
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_inference_only_export_loads_for_inference_only(adapters, entry):
+    """Exactly the training-only parts missing (proxies): a retrieval-only export, not damage; it loads for
+    inference with identical embeddings, is refused for further training, and a partial gap is still damage."""
+    folder = adapters / "inference_only"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(adapters / "vpt", folder)
+    _edit_weights(folder, lambda t: t.pop("base_model.model.layernorm.vpt_proxies"))
+    expected = PeftModel.from_pretrained(ViTModel.from_pretrained(adapters / "base"), adapters / "vpt").eval()
+    loaded = _load(entry, adapters, folder)
+    if not isinstance(loaded, torch.nn.Module):
+        loaded = ViTModel.from_pretrained(adapters / "base")
+        loaded.load_adapter(str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(pixel_values=pixels()).embeddings, expected(pixel_values=pixels()).embeddings, rtol=0, atol=0
+        )
+    with pytest.raises(AdapterMismatchError, match="(?s)vpt_proxies.*inference-only adapter"):
+        PeftModel.from_pretrained(ViTModel.from_pretrained(adapters / "base"), folder, is_trainable=True)
+    with pytest.raises(AdapterMismatchError, match="(?s)vpt_proxies.*inference-only adapter"):
+        ViTModel.from_pretrained(adapters / "base").load_adapter(str(folder), is_trainable=True)
+
+
+def test_partial_gap_in_training_parts_is_damage(adapters):
+    folder = adapters / "vptsp_partial"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(adapters / "vptsp", folder)
+    _edit_weights(folder, lambda t: t.pop("base_model.model.layernorm.vptsp_semantic_gru.bias"))
+    with pytest.raises(
+        AdapterMismatchError, match=r"Missing from the weights file \(1\): layernorm\.vptsp_semantic_gru"
+    ):
+        PeftModel.from_pretrained(ViTModel.from_pretrained(adapters / "base"), folder)
