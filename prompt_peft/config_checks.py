@@ -131,8 +131,8 @@ def load_yaml_defaults(path: str | os.PathLike, dataclass_types) -> dict[str, An
         return {}
     if not isinstance(values, dict):
         raise ConfigError(
-            f"{path}: the top level must be a mapping of settings (e.g. 'learning_rate: 0.001'), got a "
-            f"{type(values).__name__}"
+            f"{path}: the top level must be a mapping of settings (e.g. 'learning_rate: 0.001'), got "
+            f"{_describe({type(values)})}"
         )
     fields = _fields(dataclass_types)
     unknown = sorted(str(key) for key in values if key not in fields)

@@ -145,135 +145,72 @@ def _push_adapter_offline(ctx):
     return push_adapter_to_hub(model, "me/adapter", base_model_id="org/tiny-vit")
 
 
-SYSTEM_EXIT = SystemExit  # parse errors end the script with the message on stderr
-
-# (id, what the user did, expected error type, message that must appear)
-CASES = [
-    # -- YAML values (point 6) -- was: TypeError / numpy cast error / AttributeError deep in the run
-    (
-        "yaml_list_for_float",
-        lambda c: c.yaml("learning_rate: [0.1]\n"),
-        SYSTEM_EXIT,
-        r"learning_rate must be a number, got \[0\.1\] \(list\)",
-    ),
-    ("yaml_float_seed", lambda c: c.yaml("seed: 1.7\n"), SYSTEM_EXIT, r"seed must be an integer, got 1\.7"),
-    (
-        "yaml_top_level_list",
-        lambda c: c.yaml("- seed: 1\n- lr: 2\n"),
-        SYSTEM_EXIT,
-        r"top level must be a mapping of settings.*got a list",
-    ),
-    ("yaml_top_level_scalar", lambda c: c.yaml("42\n"), SYSTEM_EXIT, r"top level must be a mapping.*got a int"),
+# YAML files (point 6) -- was: TypeError / numpy cast error / AttributeError deep in the run
+YAML_CASES = [
+    ("yaml_list_for_float", "learning_rate: [0.1]", r"learning_rate must be a number, got \[0\.1\] \(list\)"),
+    ("yaml_float_seed", "seed: 1.7", r"seed must be an integer, got 1\.7"),
+    ("yaml_top_level_list", "- seed: 1\n- lr: 2", r"top level must be a mapping of settings.*got a list"),
+    ("yaml_top_level_scalar", "42", r"top level must be a mapping.*got an integer"),
     (
         "yaml_absurd_num_prompts",
-        lambda c: c.yaml("method_kwargs:\n  num_prompts: 100000000\n"),
-        SYSTEM_EXIT,
+        "method_kwargs:\n  num_prompts: 100000000",
         r"num_prompts=100000000 is far beyond any sensible value \(at most 4096\)",
     ),
+    ("yaml_string_int", "batch_size: '32'", r"batch_size must be an integer, got '32' \(str\)"),
+    ("yaml_float_epochs", "num_epochs: 1.5", r"num_epochs must be an integer"),
+    ("yaml_string_bool", "check_counts: 'yes'", r"check_counts must be true or false, got 'yes'"),
+    ("yaml_bool_for_int", "max_steps: true", r"max_steps must be an integer"),
+    ("yaml_number_for_path", "output_dir: 5", r"output_dir must be a string"),
+    ("yaml_list_for_method_kwargs", "method_kwargs: [1, 2]", r"method_kwargs must be a string, got \[1, 2\]"),
+    ("yaml_syntax_error", "learning_rate: [0.1", r"not valid YAML \(line 2\)"),
+    ("yaml_unknown_key", "not_an_option: 1", r"unknown keys \['not_an_option'\]"),
+    ("yaml_absurd_image_size", "image_size: 100000", r"image_size=100000 is far beyond"),
+    ("yaml_bad_method_option_type", "method_kwargs: {deep: 'no'}", r"deep must be true or false, got 'no'"),
+    ("yaml_unknown_method_option", "method_kwargs: {bogus: 1}", r"\['bogus'\] are not options of vpt \(VPTConfig\)"),
+]
+# command-line values (point 6) -- was: bare JSONDecodeError / TypeError / out of memory
+CLI_CASES = [
+    ("cli_invalid_json", ["--method_kwargs", "{num_prompts: 2"], r"--method_kwargs is not valid JSON"),
+    ("cli_json_not_object", ["--method_kwargs", "[1, 2]"], r"--method_kwargs must be a JSON object of vpt options"),
+    ("cli_float_num_prompts", ["--method_kwargs", '{"num_prompts": 2.5}'], r"num_prompts must be an integer, got 2\.5"),
+    ("cli_absurd_num_prompts", ["--method_kwargs", '{"num_prompts": 100000000}'], r"num_prompts=100000000 is far"),
     (
-        "yaml_string_int",
-        lambda c: c.yaml("batch_size: '32'\n"),
-        SYSTEM_EXIT,
-        r"batch_size must be an integer, got '32' \(str\)",
+        "cli_negative_num_prompts",
+        ["--method_kwargs", '{"num_prompts": -1}'],
+        r"--method vpt settings: num_prompts must be a non-negative integer",
     ),
-    ("yaml_float_epochs", lambda c: c.yaml("num_epochs: 1.5\n"), SYSTEM_EXIT, r"num_epochs must be an integer"),
+    ("cli_repeated_prompt_layer", ["--method_kwargs", '{"prompt_layers": [0, 0]}'], r"distinct non-negative"),
     (
-        "yaml_string_bool",
-        lambda c: c.yaml("check_counts: 'yes'\n"),
-        SYSTEM_EXIT,
-        r"check_counts must be true or false, got 'yes'",
+        "cli_bool_for_count",
+        ["--method", "ship", "--method_kwargs", '{"num_prototypes": true}'],
+        r"num_prototypes must be an integer, got True \(bool\)",
     ),
-    ("yaml_bool_for_int", lambda c: c.yaml("max_steps: true\n"), SYSTEM_EXIT, r"max_steps must be an integer"),
-    ("yaml_number_for_path", lambda c: c.yaml("output_dir: 5\n"), SYSTEM_EXIT, r"output_dir must be a string"),
-    (
-        "yaml_list_for_method_kwargs",
-        lambda c: c.yaml("method_kwargs: [1, 2]\n"),
-        SYSTEM_EXIT,
-        r"method_kwargs must be a string, got \[1, 2\]",
-    ),
-    ("yaml_syntax_error", lambda c: c.yaml("learning_rate: [0.1\n"), SYSTEM_EXIT, r"not valid YAML \(line 2\)"),
-    ("yaml_unknown_key", lambda c: c.yaml("not_an_option: 1\n"), SYSTEM_EXIT, r"unknown keys \['not_an_option'\]"),
-    (
-        "yaml_absurd_image_size",
-        lambda c: c.yaml("image_size: 100000\n"),
-        SYSTEM_EXIT,
-        r"image_size=100000 is far beyond",
-    ),
-    (
-        "yaml_bad_method_option_type",
-        lambda c: c.yaml("method_kwargs: {deep: 'no'}\n"),
-        SYSTEM_EXIT,
-        r"deep must be true or false, got 'no'",
-    ),
-    (
-        "yaml_unknown_method_option",
-        lambda c: c.yaml("method_kwargs: {bogus: 1}\n"),
-        SYSTEM_EXIT,
-        r"\['bogus'\] are not options of vpt \(VPTConfig\)",
-    ),
+    ("cli_unknown_method", ["--method", "lora"], r"--method must be one of"),
+    ("cli_absurd_batch", ["--batch_size", "10000000"], r"batch_size=10000000 is far beyond"),
+    ("cli_zero_embedding_dim", ["--embedding_dim", "0"], r"embedding_dim must be a positive integer"),
+    ("cli_float_seed", ["--seed", "1.7"], r"argument --seed: invalid int value"),
+]
+
+
+def _yaml_case(text):
+    return lambda c: c.yaml(text + "\n")
+
+
+def _cli_case(extra):
+    return lambda c: c.parse(*extra)
+
+
+# (id, what the user did, expected error type, message that must appear); parse errors end the script with the
+# message on stderr (SystemExit)
+CASES = [
+    *((name, _yaml_case(text), SystemExit, message) for name, text, message in YAML_CASES),
+    *((name, _cli_case(extra), SystemExit, message) for name, extra, message in CLI_CASES),
     (
         "yaml_missing_file",
         lambda c: c.script.parse_args(["--config", str(c.tmp / "absent.yaml")]),
-        SYSTEM_EXIT,
+        SystemExit,
         r"absent\.yaml: cannot read it",
     ),
-    # -- command-line values (point 6) -- was: bare JSONDecodeError / TypeError / out of memory
-    (
-        "cli_invalid_json",
-        lambda c: c.parse("--method_kwargs", "{num_prompts: 2"),
-        SYSTEM_EXIT,
-        r"--method_kwargs is not valid JSON",
-    ),
-    (
-        "cli_json_not_object",
-        lambda c: c.parse("--method_kwargs", "[1, 2]"),
-        SYSTEM_EXIT,
-        r"--method_kwargs must be a JSON object of vpt options",
-    ),
-    (
-        "cli_float_num_prompts",
-        lambda c: c.parse("--method_kwargs", '{"num_prompts": 2.5}'),
-        SYSTEM_EXIT,
-        r"num_prompts must be an integer, got 2\.5",
-    ),
-    (
-        "cli_absurd_num_prompts",
-        lambda c: c.parse("--method_kwargs", '{"num_prompts": 100000000}'),
-        SYSTEM_EXIT,
-        r"num_prompts=100000000 is far beyond",
-    ),
-    (
-        "cli_negative_num_prompts",
-        lambda c: c.parse("--method_kwargs", '{"num_prompts": -1}'),
-        SYSTEM_EXIT,
-        r"--method vpt settings: num_prompts must be a non-negative integer",
-    ),
-    (
-        "cli_repeated_prompt_layer",
-        lambda c: c.parse("--method_kwargs", '{"prompt_layers": [0, 0]}'),
-        SYSTEM_EXIT,
-        r"distinct non-negative",
-    ),
-    (
-        "cli_bool_for_count",
-        lambda c: c.parse("--method", "ship", "--method_kwargs", '{"num_prototypes": true}'),
-        SYSTEM_EXIT,
-        r"num_prototypes must be an integer, got True \(bool\)",
-    ),
-    ("cli_unknown_method", lambda c: c.parse("--method", "lora"), SYSTEM_EXIT, r"--method must be one of"),
-    (
-        "cli_absurd_batch",
-        lambda c: c.parse("--batch_size", "10000000"),
-        SYSTEM_EXIT,
-        r"batch_size=10000000 is far beyond",
-    ),
-    (
-        "cli_zero_embedding_dim",
-        lambda c: c.parse("--embedding_dim", "0"),
-        SYSTEM_EXIT,
-        r"embedding_dim must be a positive integer",
-    ),
-    ("cli_float_seed", lambda c: c.parse("--seed", "1.7"), SYSTEM_EXIT, r"argument --seed: invalid int value"),
     (
         "value_text_for_number",
         lambda c: check_value("learning_rate", "fast", float),
