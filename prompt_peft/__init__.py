@@ -9,6 +9,7 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 """
 
 from .backbones import SUPPORTED_MODELS, BackboneSpec
+from .hub_checks import install as _install_push_explanation
 from .loading import from_pretrained
 from .registry import register_method
 from .strict_loading import AdapterMismatchError
@@ -31,6 +32,7 @@ METHODS = {
 for _config_cls, _model_cls in METHODS.values():
     register_method(_model_cls.prefix.removesuffix("_"), _config_cls, _model_cls)
 _install_strict_loading()  # transformers' load_adapter: strict for prompt_peft adapters
+_install_push_explanation()  # PeftModel.push_to_hub: a lost connection explained
 
 __all__ = [
     "AdapterMismatchError",

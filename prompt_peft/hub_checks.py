@@ -10,6 +10,7 @@ then refuse to publish. :func:`check_backbone_source` probes the Hub once (no re
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -149,3 +150,26 @@ def check_push_preconditions(
                 ) from error
             raise
     return base
+
+
+def install() -> None:
+    """Make ``PeftModel.push_to_hub`` of a prompt_peft adapter explain a lost connection (idempotent; other methods
+    unchanged): without network it raised a bare ``ConnectError``."""
+    from peft import PeftModel
+
+    from .strict_loading import is_prompt_peft_config
+
+    push = PeftModel.push_to_hub
+    if getattr(push, "_prompt_peft_explained", False):
+        return
+
+    @functools.wraps(push)
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        if not any(is_prompt_peft_config(config) for config in getattr(self, "peft_config", {}).values()):
+            return push(self, repo_id, *args, **kwargs)
+        hint = "Nothing was published; push again once the Hub can be reached (check the network or HF_ENDPOINT)."
+        with hub_errors_explained(f"push {repo_id!r}", hint):
+            return push(self, repo_id, *args, **kwargs)
+
+    push_to_hub._prompt_peft_explained = True
+    PeftModel.push_to_hub = push_to_hub

@@ -152,7 +152,8 @@ def is_inference_export(absent: set[str], training_only: set[str]) -> bool:
     return bool(absent) and absent == training_only
 
 
-def _is_prompt_peft_config(config) -> bool:
+def is_prompt_peft_config(config) -> bool:
+    """True for the config of a registered prompt_peft method."""
     from . import METHODS
 
     return isinstance(config, tuple(config_cls for config_cls, _ in METHODS.values()))
@@ -176,7 +177,7 @@ def _strict_transformers_load_adapter(load_adapter):
     @functools.wraps(load_adapter)
     def wrapper(self, peft_model_id=None, adapter_name=None, peft_config=None, *args, **kwargs):
         config = _peek_config(peft_model_id, peft_config, kwargs.get("adapter_kwargs"))
-        if not _is_prompt_peft_config(config):
+        if not is_prompt_peft_config(config):
             return load_adapter(self, peft_model_id, adapter_name, peft_config, *args, **kwargs)
         name = adapter_name or "default"
         # Mis-shaped tensors come back in the report instead of a RuntimeError that only points at the log.

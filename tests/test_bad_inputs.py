@@ -133,6 +133,16 @@ def _offline_mode_not_cached(ctx):
     return ctx.main("--backbone", "facebook/dinov2-small")
 
 
+def _peft_push_offline(ctx):
+    from peft import get_peft_model
+    from tiny_models import tiny_model
+
+    from prompt_peft import VPTConfig
+
+    ctx.dead_hub()
+    return get_peft_model(tiny_model("ViTModel"), VPTConfig(num_prompts=1)).push_to_hub("me/adapter")
+
+
 def _push_adapter_offline(ctx):
     from peft import get_peft_model
     from tiny_models import tiny_model
@@ -285,6 +295,12 @@ CASES = [
         _push_adapter_offline,
         HubUnreachableError,
         r"to push the adapter to 'me/adapter'.*Nothing was published",
+    ),
+    (
+        "peft_push_to_hub_unreachable",
+        _peft_push_offline,
+        HubUnreachableError,
+        r"Could not reach the Hugging Face Hub .* to push 'me/adapter' \(ConnectError.*Nothing was published",
     ),
     # -- image data (point 7) -- was: a traceback at step 0
     (
