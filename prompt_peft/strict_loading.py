@@ -132,18 +132,27 @@ def check_adapter_state_dict(
 
 
 def training_only_keys(model: nn.Module, adapter_name: str) -> set[str]:
-    """Model state keys of ``adapter_name``'s training-only parts (proxies, a classifier, ...: the containers a
-    layer lists in ``training_only_suffixes``), which an inference-only export leaves out."""
+    """Model state keys of ``adapter_name``'s training-only parts (proxies, a classifier, ...), which an
+    inference-only export leaves out."""
     from .tuners.prompted import PromptedLayer
 
     prefixes = [
         f"{name}.{attr}.{adapter_name}".lstrip(".")
         for name, module in model.named_modules()
         if isinstance(module, PromptedLayer)
-        for attr, _ in module.named_children()
-        if attr != "base_layer" and attr.endswith(module.training_only_suffixes)
+        for attr in _training_only_containers(module)
     ]
     return {key for key in model.state_dict() if any(key == p or key.startswith(p + ".") for p in prefixes)}
+
+
+def _training_only_containers(layer) -> list[str]:
+    declared = getattr(layer, "declared_containers", None)
+    if declared is not None:  # containers declared with parameter roles
+        from .tuners.prompted import TRAINING_ONLY_ROLES
+
+        return [layer.prefix + name for name, container in declared.items() if container.role in TRAINING_ONLY_ROLES]
+    suffixes = layer.training_only_suffixes
+    return [attr for attr, _ in layer.named_children() if attr != "base_layer" and attr.endswith(suffixes)]
 
 
 def is_inference_export(absent: set[str], training_only: set[str]) -> bool:
