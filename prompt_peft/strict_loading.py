@@ -16,6 +16,7 @@ loads under ``deep: false`` with different outputs). For prompt_peft adapters ev
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable
 
 import torch
@@ -172,12 +173,12 @@ def _peek_config(peft_model_id, peft_config, adapter_kwargs):
     """The config of the adapter about to be loaded (None when it cannot be read: transformers will say why)."""
     if peft_config is not None:
         return peft_config
-    if not isinstance(peft_model_id, str):
+    if not isinstance(peft_model_id, (str, os.PathLike)):
         return None
     from peft import PeftConfig
 
     try:
-        return PeftConfig.from_pretrained(peft_model_id, **(adapter_kwargs or {}))
+        return PeftConfig.from_pretrained(os.fspath(peft_model_id), **(adapter_kwargs or {}))
     except Exception:  # noqa: BLE001 - transformers' own call reports the problem
         return None
 

@@ -12,7 +12,7 @@ import torch
 from peft import AutoPeftModel, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import pixels, tiny_model
-from transformers import ViTModel
+from transformers import AutoModel, ViTModel
 
 import prompt_peft
 from prompt_peft import AdapterMismatchError, FRPTConfig, SemanticProxyVPTConfig, VPTConfig
@@ -85,6 +85,9 @@ def _load(entry, root, folder):
         return AutoPeftModel.from_pretrained(folder)
     if entry == "transformers load_adapter":
         return ViTModel.from_pretrained(root / "base").load_adapter(str(folder))
+    if entry == "transformers AutoModel":
+        _edit_config(folder, base_model_name_or_path=str(root / "base"))
+        return AutoModel.from_pretrained(folder)
     raise AssertionError(entry)
 
 
@@ -93,6 +96,7 @@ ENTRY_POINTS = [
     "PeftModel.from_pretrained",
     "AutoPeftModel",
     "transformers load_adapter",
+    "transformers AutoModel",
 ]
 DAMAGES = {
     "prompt_deleted": r"Missing from the weights file \(1\): layers\.0\.vpt_prompt\n",
