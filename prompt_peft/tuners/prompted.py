@@ -43,6 +43,7 @@ from ..backbones import BackboneSpec
 from ..distributed import gather_across_processes
 from ..losses import LossInputs, ProxyAnchorLoss
 from .context import ForwardContext, close_context, current_context, open_context, use_context
+from ..strict_loading import check_adapter_state_dict
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -682,6 +683,14 @@ class PromptedTuner(BaseTuner):
             if parts[i] == adapter_name and parts[i - 1].startswith(cls.prefix):
                 return ".".join(parts[:i] + parts[i + 1 :])
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # peft loads with strict=False; a prompt_peft adapter loads exactly or raises (see strict_loading).
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_state_dict(cls, model, config, adapter_name, remapped)
+        return remapped
+
 
     # -- method hooks every script calls the same way ---------------------------------------------------------
 
