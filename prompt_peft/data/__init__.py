@@ -21,7 +21,14 @@ from .datasets import (
     with_rgb_images,
 )
 from .samplers import MPerClassBatchSampler
-from .transforms import SeededRows, eval_transform, make_collate_fn, train_transform
+from .transforms import (
+    SeededRows,
+    eval_transform,
+    make_collate_fn,
+    preprocessing_of,
+    train_transform,
+    transform_from_preprocessing,
+)
 from .images import (
     DEFAULT_MIN_SIZE,
     BadImage,
@@ -39,7 +46,9 @@ __all__ = [
     "SeededRows",
     "eval_transform",
     "make_collate_fn",
+    "preprocessing_of",
     "train_transform",
+    "transform_from_preprocessing",
     "DEFAULT_MIN_SIZE",
     "IMAGE_EXTENSIONS",
     "LOADERS",
