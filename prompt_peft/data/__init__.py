@@ -19,6 +19,7 @@ from .datasets import (
     split_classes,
     with_rgb_images,
 )
+from .hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 from .samplers import MPerClassBatchSampler
 from .transforms import SeededRows, eval_transform, make_collate_fn, train_transform
 from .images import (
@@ -33,6 +34,10 @@ from .images import (
 )
 
 __all__ = [
+    "FLOWERS102_CLASS_NAMES",
+    "HUB_SOURCES",
+    "HubSource",
+    "load_benchmark_from_hub",
     "MPerClassBatchSampler",
     "SeededRows",
     "eval_transform",
