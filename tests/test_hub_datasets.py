@@ -17,8 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from huggingface_hub import HfApi
 from PIL import Image as PILImage
 
-from prompt_peft.data import DatasetCountError, load_retrieval_dataset
-from prompt_peft.data import hub_datasets
+from prompt_peft.data import DatasetCountError, hub_datasets, load_retrieval_dataset
 from prompt_peft.data.hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 
 
