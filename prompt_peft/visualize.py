@@ -37,38 +37,64 @@ def retrieval_gallery(
     (``class_names[label]`` when given, else the label id) and, for neighbours, the cosine similarity.
     """
     embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
+
+    def name(index: int) -> str:
+        label = int(labels[index])
+        return class_names[label] if class_names is not None and label < len(class_names) else str(label)
+
+    rows = []
+    for q in query_indices:
+        sims = embeddings @ embeddings[q]
+        sims[q] = -float("inf")  # a query is not its own neighbour
+        scores, neighbours = sims.topk(k)
+        rows.append(
+            [(images[q], QUERY, name(q), "query")]
+            + [
+                (images[n], CORRECT if labels[n] == labels[q] else WRONG, name(n), f"sim {float(s):.2f}")
+                for n, s in zip(neighbours.tolist(), scores.tolist())
+            ]
+        )
+    keys = ((QUERY, "query"), (CORRECT, "same class"), (WRONG, "other class"))
+    note = f"top-{k} neighbours by cosine similarity"
+    return image_grid(rows, thumb=thumb, border=border, legend=(keys, note) if legend else None)
+
+
+def image_grid(
+    rows: Sequence[Sequence[tuple[Image.Image, tuple[int, int, int], str, str]]],
+    *,
+    thumb: int = 96,
+    border: int = 4,
+    legend: tuple[Sequence[tuple[tuple[int, int, int], str]], str] | None = None,
+) -> Image.Image:
+    """Rows of framed square thumbnails, each cell ``(image, frame colour, caption, note)``.
+
+    With ``legend = (keys, note)`` a top line shows each ``(colour, text)`` key and the note, and every
+    thumbnail gets its caption (in the frame colour) and note (grey) below it; without, only frames.
+    """
     cell = thumb + 2 * border
     caption = CAPTION_HEIGHT if legend else 0
     top = LEGEND_HEIGHT if legend else 0
     row_height = cell + caption
-    canvas = Image.new("RGB", ((k + 1) * cell + border, top + len(query_indices) * row_height), "white")
+    width = max((len(r) for r in rows), default=1) * cell + border
+    canvas = Image.new("RGB", (width, top + len(rows) * row_height), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font()
     if legend:
+        keys, note = legend
         x = border
-        for colour, text in ((QUERY, "query"), (CORRECT, "same class"), (WRONG, "other class")):
+        for colour, text in keys:
             draw.rectangle((x, 4, x + 10, 14), fill=colour)
             draw.text((x + 14, 3), text, fill="black", font=font)
             x += 20 + int(draw.textlength(text, font=font)) + 10
-        draw.text((x, 3), f"top-{k} neighbours by cosine similarity", fill=(90, 90, 90), font=font)
-    for row, q in enumerate(query_indices):
-        sims = embeddings @ embeddings[q]
-        sims[q] = -float("inf")  # a query is not its own neighbour
-        scores, neighbours = sims.topk(k)
-        frames = [(q, QUERY, None)] + [
-            (n, CORRECT if labels[n] == labels[q] else WRONG, float(s))
-            for n, s in zip(neighbours.tolist(), scores.tolist())
-        ]
-        for col, (index, colour, score) in enumerate(frames):
-            x, y = col * cell + (border if col else 0), top + row * row_height
+        draw.text((x, 3), note, fill=(90, 90, 90), font=font)
+    for r, row in enumerate(rows):
+        for col, (image, colour, text, note) in enumerate(row):
+            x, y = col * cell + (border if col else 0), top + r * row_height
             canvas.paste(Image.new("RGB", (cell, cell), colour), (x, y))
-            canvas.paste(_square(images[index], thumb), (x + border, y + border))
+            canvas.paste(_square(image, thumb), (x + border, y + border))
             if legend:
-                label = int(labels[index])
-                name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
-                draw.text((x + 2, y + cell + 1), _fit(draw, name, cell - 4, font), fill=colour, font=font)
-                note = "query" if score is None else f"sim {score:.2f}"
-                draw.text((x + 2, y + cell + 13), note, fill=(90, 90, 90), font=font)
+                draw.text((x + 2, y + cell + 1), _fit(draw, text, cell - 4, font), fill=colour, font=font)
+                draw.text((x + 2, y + cell + 13), _fit(draw, note, cell - 4, font), fill=(90, 90, 90), font=font)
     return canvas
 
 
