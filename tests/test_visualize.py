@@ -41,7 +41,7 @@ def test_gallery_legend_and_class_names():
     images = [Image.new("RGB", (30, 20), (i * 40, 0, 0)) for i in range(4)]
     labels = torch.tensor([0, 0, 1, 1])
     embeddings = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
-    draw = lambda names: np.asarray(  # noqa: E731
+    draw = lambda names: np.asarray(
         retrieval_gallery(images, embeddings, labels, [0], k=2, thumb=96, border=2, class_names=names)
     )
     named, other = draw(["rose", "tulip"]), draw(["daffodil", "sunflower"])
