@@ -394,6 +394,7 @@ def _latest(checkpoints_dir: Path) -> Optional[Path]:
 
 def save_figures(output_dir: Path, history: dict, eval_splits, embedded) -> dict[str, Path]:
     """The training curve and, after an evaluation, a retrieval gallery of 5 queries (top-5 neighbours)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
     figures = {"Training curve (loss; held-out R@1 and MAP@R at each evaluation)": output_dir / "training_curve.png"}
     evaluations = [(e["step"], e) for e in history["eval"]]
     training_curve(history["loss"], evaluations).save(output_dir / "training_curve.png")
