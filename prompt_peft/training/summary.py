@@ -145,7 +145,9 @@ def card_kwargs(
         description = (
             "Against the frozen backbone on the same held-out classes and resolution: " + ", ".join(parts) + " (%)."
         )
+    backbone_name = Path(str(base_model_id or summary.get("backbone", "backbone"))).name
     return {
+        "model_name": f"{backbone_name}-{summary.get('dataset')}-{summary.get('method')}",
         "results": results,
         "parameter_counts": summary.get("parameters"),
         "images": {caption: Path(path).name for caption, path in figures.items()},
