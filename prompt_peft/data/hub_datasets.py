@@ -7,17 +7,19 @@ splits), applies the retrieval protocol's class-disjoint split (first half of th
 training, the rest held out; evaluation.md §1.1) and checks the official image and class counts, so a changed
 or partial copy fails loudly instead of shifting results.
 
-How the copies were chosen (their dataset cards, read before pinning): each has an `image` column and a
-`label` `ClassLabel` covering every class of the data set, and its splits add up to the official image count.
+How the copies were chosen (from their dataset cards and file listings, read before pinning; the copies
+themselves could not be downloaded while writing this): each has an `image` column and a `label` `ClassLabel`
+covering every class of the data set. The official counts are checked at load time, not assumed.
 
 * Flowers-102: `nelorth/oxford-flowers` (train 7,169 + test 1,020 = 8,189 images). Its label names are the
   official class ids as strings, in string order (`"1"`, `"10"`, `"100"`, ...), so the class id is read from
   the name; the flower names (`FLOWERS102_CLASS_NAMES`, the data set's `cat_to_name.json`) replace them.
-  The other candidate, `dpdl-benchmark/oxford_flowers102`, publishes no schema we could verify.
-* CUB-200-2011: `Donghyun99/CUB-200-2011` (train 5,994 + test 5,794 = 11,788 images, 200 classes).
+  We found no card or schema of the other candidate, `dpdl-benchmark/oxford_flowers102`.
+* CUB-200-2011: `Donghyun99/CUB-200-2011` (its viewer lists train 5,994 + test 5,794 = 11,788 images, the
+  official classification split).
   `pkuHaowei/cub-200-2011-birds` has a bare integer label and no class names, so it was not chosen.
-* Cars196: `Donghyun99/Stanford-Cars` (16,185 images, 196 classes named in the official order, starting
-  with "AM General Hummer SUV 2000"). `isaacchung/StanfordCars` publishes no schema we could verify.
+* Cars196: `Donghyun99/Stanford-Cars` (196 class names in the official order, starting with "AM General
+  Hummer SUV 2000"). We found no card or schema of `isaacchung/StanfordCars`.
 
 The class id of a label is the integer its name starts with when every name starts with one (`"1"`,
 `"001.Black_footed_Albatross"`), else its position + 1 (names in the official order). The official count
