@@ -2,7 +2,7 @@
 """Search a folder of images with a prompt_peft adapter (or a bare backbone).
 
     # 1. embed every image under a folder (photos/<class>/<image> gives each hit a class) and save an index
-    python examples/search.py index --adapter outputs/quickstart/adapter --image_size 84 \\
+    python examples/search.py index --adapter outputs/quickstart/adapter --image_size 70 \\
         --images photos/ --index_dir outputs/index [--kind flat|ivf|hnsw]
     # 2. answer queries with the model recorded in the index: top-k ids, scores, classes (+ a PNG)
     python examples/search.py query --index_dir outputs/index --k 5 query1.jpg query2.jpg --gallery hits.png

@@ -2,7 +2,7 @@
 
     from prompt_peft.serving import Embedder, SearchIndex
 
-    embedder = Embedder.load(adapter="outputs/quickstart/adapter", image_size=84)  # or backbone="facebook/..."
+    embedder = Embedder.load(adapter="outputs/quickstart/adapter", image_size=70)  # or backbone="facebook/..."
     index = SearchIndex.build(embedder, "photos/", kind="flat")      # photos/<class>/<image> or photos/<image>
     index.save("outputs/index")
     hits = SearchIndex.load("outputs/index").search(embedder, ["query.jpg"], k=5)[0]
