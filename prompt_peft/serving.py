@@ -115,8 +115,10 @@ class Embedder:
         device = next(self.model.parameters()).device
         chunks = []
         for start in range(0, len(images), batch_size):
-            batch = [load_rgb(x) if not isinstance(x, Image.Image) else x.convert("RGB")
-                     for x in images[start : start + batch_size]]
+            batch = [
+                load_rgb(x) if not isinstance(x, Image.Image) else x.convert("RGB")
+                for x in images[start : start + batch_size]
+            ]
             pixels = torch.stack([transform(image) for image in batch]).to(device)
             chunks.append(pooled_features(self.model, pixels).cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, 0)

@@ -79,8 +79,14 @@ def pin(monkeypatch):
         monkeypatch.setitem(
             hub_datasets.HUB_SOURCES,
             name,
-            HubSource(repo_id, revision, source.n_classes, source.n_train_classes, source.title,
-                      class_names=source.class_names),
+            HubSource(
+                repo_id,
+                revision,
+                source.n_classes,
+                source.n_train_classes,
+                source.title,
+                class_names=source.class_names,
+            ),
         )
 
     return apply
@@ -128,8 +134,9 @@ def test_wrong_schema_and_official_only(fake_hub, tmp_path):
     names = [f"{i:03d}.Bird" for i in range(1, 101)]  # 100 classes: not CUB-200
     sha, _ = _publish(fake_hub, tmp_path, "org/half-cub", names, {c: c - 1 for c in range(1, 101)})
     with pytest.raises(ValueError, match="expected labels for the 200 official classes"):
-        load_benchmark_from_hub("cub200", repo_id="org/half-cub", revision=sha,
-                                load_kwargs={"cache_dir": str(tmp_path / "datasets")})
+        load_benchmark_from_hub(
+            "cub200", repo_id="org/half-cub", revision=sha, load_kwargs={"cache_dir": str(tmp_path / "datasets")}
+        )
     with pytest.raises(FileNotFoundError, match="no faithful Hub copy"):
         load_benchmark_from_hub("sop")
 

@@ -26,8 +26,10 @@ SCRIPT = ROOT / "examples" / "search.py"
 @pytest.fixture(scope="module")
 def adapter(workspace, tmp_path_factory):
     torch.manual_seed(0)
-    model = get_peft_model(ViTModel.from_pretrained(workspace / "backbone"),
-                           prompt_peft.VPTConfig(num_prompts=2, num_classes=4, embedding_dim=16))
+    model = get_peft_model(
+        ViTModel.from_pretrained(workspace / "backbone"),
+        prompt_peft.VPTConfig(num_prompts=2, num_classes=4, embedding_dim=16),
+    )
     folder = tmp_path_factory.mktemp("adapter") / "adapter"
     model.save_pretrained(folder)
     return folder
@@ -44,7 +46,9 @@ def direct_embeddings(workspace, adapter, paths, image_size=32):
 
 def run(*argv):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -52,13 +56,33 @@ def run(*argv):
 def test_search_script_end_to_end(workspace, adapter, tmp_path):
     images = workspace / "images"
     index_dir = tmp_path / "index"
-    out = run("index", "--adapter", str(adapter), "--backbone", str(workspace / "backbone"), "--image_size", "32",
-              "--images", str(images), "--index_dir", str(index_dir))
+    out = run(
+        "index",
+        "--adapter",
+        str(adapter),
+        "--backbone",
+        str(workspace / "backbone"),
+        "--image_size",
+        "32",
+        "--images",
+        str(images),
+        "--index_dir",
+        str(index_dir),
+    )
     assert "indexed 48 images in 8 classes (flat)" in out
 
     queries = [images / "class_3" / "0.jpg", images / "class_5" / "2.jpg"]
-    out = run("query", "--index_dir", str(index_dir), "--k", "4", "--json", "--gallery", str(tmp_path / "hits.png"),
-              *map(str, queries))
+    out = run(
+        "query",
+        "--index_dir",
+        str(index_dir),
+        "--k",
+        "4",
+        "--json",
+        "--gallery",
+        str(tmp_path / "hits.png"),
+        *map(str, queries),
+    )
     answers = json.loads(out)
 
     paths, classes = list_images(images)
