@@ -4,8 +4,8 @@
 directory (and what `examples/train_dml.py --dataset flowers102` does without `--data_root`). It loads a Hub
 copy with `datasets.load_dataset` at a pinned commit, pools the copy's own splits (they are classification
 splits), applies the retrieval protocol's class-disjoint split (first half of the official class ids for
-training, the rest held out; evaluation.md §1.1) and checks the official image and class counts, so a changed
-or partial copy fails loudly instead of shifting results.
+training, the rest held out, as in the deep-metric-learning literature) and checks the official image and
+class counts, so a changed or partial copy fails loudly instead of shifting results.
 
 How the copies were chosen (from their dataset cards and file listings, read before pinning; the copies
 themselves could not be downloaded while writing this): each has an `image` column and a `label` `ClassLabel`
