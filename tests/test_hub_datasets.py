@@ -20,6 +20,9 @@ from PIL import Image as PILImage
 from prompt_peft.data import DatasetCountError, hub_datasets, load_retrieval_dataset
 from prompt_peft.data.hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 
+# huggingface_hub's upload of raw bytes through httpx2 (not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 
 def _png(value: int) -> bytes:
     buf = io.BytesIO()
