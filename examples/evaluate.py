@@ -6,23 +6,26 @@
 
 Prints R@1/2/4/8, MAP@R and R-Precision (percent) and writes them as JSON. The held-out split is searched
 against itself with each query excluded (or In-Shop's query split against its gallery). Images get the
-backbone's own preprocessing, at ``--image_size`` if given. Runs on several processes with
-``accelerate launch``.
+backbone's own preprocessing; an adapter is evaluated with the resolution and preprocessing it was trained with
+(recorded in it) unless ``--image_size`` is given. Runs on several processes with
+``accelerate launch``. Arguments are a dataclass, as in train_dml.py (``--help`` lists them).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
-from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, with_rgb_images
+from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, preprocessing_of, with_rgb_images
 from prompt_peft.training import evaluate_retrieval
 
 NAMES = {
@@ -35,19 +38,29 @@ NAMES = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--backbone", help="Hub id or path of the backbone (default: the adapter's base model)")
-    parser.add_argument("--adapter", help="prompt_peft adapter: local folder or Hub id (omit for the frozen backbone)")
-    parser.add_argument("--revision", help="revision of the adapter repo")
-    parser.add_argument("--dataset", default="flowers102")
-    parser.add_argument("--data_root")
-    parser.add_argument("--image_size", type=int, help="evaluation resolution (default: the processor's)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
-    parser.add_argument("--output", default="eval_results.json", help="where to write the metrics as JSON")
-    args = parser.parse_args(argv)
+@dataclass
+class EvalArguments:
+    backbone: Optional[str] = field(
+        default=None, metadata={"help": "Hub id or path of the backbone (default: the adapter's base model)."}
+    )
+    adapter: Optional[str] = field(
+        default=None, metadata={"help": "prompt_peft adapter: local folder or Hub id (omit for the frozen backbone)."}
+    )
+    revision: Optional[str] = field(default=None, metadata={"help": "Revision of the adapter repo."})
+    dataset: str = field(default="flowers102", metadata={"help": "Loader name, directory, Hub id or parquet."})
+    data_root: Optional[str] = field(default=None, metadata={"help": "Directory (or Hub id) of the data set."})
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Evaluation resolution (default: the adapter's training one, else native)."}
+    )
+    batch_size: int = field(default=64)
+    num_workers: int = field(default=2)
+    check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
+    output: str = field(default="eval_results.json", metadata={"help": "Where to write the metrics as JSON."})
+
+
+def parse_args(argv=None) -> EvalArguments:
+    parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n")[1])
+    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     if not args.backbone and not args.adapter:
         parser.error("give --backbone, --adapter, or both")
     return args
@@ -69,14 +82,24 @@ def main(argv=None) -> dict:
         processor_source = args.backbone
     model.to(accelerator.device)
     processor = AutoImageProcessor.from_pretrained(processor_source)
-    splits = load_retrieval_dataset(args.dataset, args.data_root, check_counts=not args.no_check_counts)
+    splits = load_retrieval_dataset(args.dataset, args.data_root, check_counts=args.check_counts)
     eval_splits = {k: v for k, v in with_rgb_images(splits).items() if k != "train"}
+
+    recorded = getattr(getattr(model, "peft_config", {}).get("default"), "image_preprocessing", None)
+    if args.image_size is None:
+        transform = prompt_peft.image_transform(model, processor) if args.adapter else eval_transform(processor)
+        preprocessing = recorded or preprocessing_of(processor)
+    else:
+        if recorded and recorded["image_size"] != args.image_size:
+            print(f"note: the adapter was trained at {recorded['image_size']} px; evaluating at {args.image_size} px")
+        transform = eval_transform(processor, args.image_size)
+        preprocessing = preprocessing_of(processor, args.image_size)
 
     start = time.time()
     metrics = evaluate_retrieval(
         model,
         eval_splits,
-        make_collate_fn(eval_transform(processor, args.image_size)),
+        make_collate_fn(transform),
         accelerator=accelerator,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -85,7 +108,8 @@ def main(argv=None) -> dict:
         "model": args.adapter or args.backbone,
         "backbone": processor_source,
         "dataset": args.dataset,
-        "image_size": args.image_size,
+        "image_size": preprocessing["image_size"],
+        "preprocessing": preprocessing,
         "num_images": {k: len(v) for k, v in eval_splits.items()},
         "seconds": round(time.time() - start, 3),
         "metrics": metrics,

@@ -24,12 +24,12 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -38,17 +38,27 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
+from prompt_peft.config_checks import (
+    ConfigError,
+    check_settings,
+    exit_on_user_error,
+    load_yaml_defaults,
+    parse_method_kwargs,
+)
+from prompt_peft.data.preflight import load_checked
+from prompt_peft.hub_checks import check_backbone_source, check_push_preconditions
+from prompt_peft.training.output_dir import check_output_dir, describe_checkpoints, save_atomically
 from prompt_peft.hub import push_adapter_to_hub, save_adapter
 from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
     SeededRows,
-    eval_transform,
-    load_retrieval_dataset,
+    contiguous_labels,
+    preprocessing_of,
+    transform_from_preprocessing,
     make_collate_fn,
     train_transform,
     with_rgb_images,
 )
-from prompt_peft.training import clip_grad_norm_ as sparse_aware_clip_grad_norm_
 from prompt_peft.training import (
     build_optimizer,
     build_scheduler,
@@ -56,12 +66,14 @@ from prompt_peft.training import (
     card_kwargs,
     check_finite,
     evaluate_frozen_backbone,
+    clip_gradients,
     evaluate_retrieval,
     format_metrics,
     format_run_summary,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    training_step,
 )
 
 logger = logging.getLogger("train_dml")
@@ -88,6 +100,12 @@ class DataArguments:
     eval_batch_size: int = field(default=64)
     num_workers: int = field(default=2)
     check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
+    scan_images: Optional[bool] = field(
+        default=None, metadata={"help": "Decode every image before training (default: on for local data)."}
+    )
+    skip_bad_images: bool = field(
+        default=False, metadata={"help": "Leave unreadable images out (counted in results.json) instead of stopping."}
+    )
 
 
 @dataclass
@@ -122,7 +140,12 @@ class TrainArguments:
         default=False, metadata={"help": "Also evaluate the frozen backbone first, for comparison in the summary."}
     )
     checkpointing_steps: Optional[int] = field(default=None, metadata={"help": "Save the state every N steps."})
-    keep_checkpoints: int = field(default=2)
+    save_total_limit: Optional[int] = field(
+        default=2, metadata={"help": "Checkpoints kept (the newest ones); 0 or None keeps all."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an adapter already in --output_dir (refused otherwise)."}
+    )
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a path."})
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. tensorboard."})
     push_to_hub: bool = field(default=False)
@@ -135,36 +158,38 @@ def parse_args(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
     argv = sys.argv[1:] if argv is None else argv
     config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-    if config_path:
-        values = yaml.safe_load(Path(config_path).read_text()) or {}
-        if isinstance(values.get("method_kwargs"), dict):
-            values["method_kwargs"] = json.dumps(values["method_kwargs"])
-        known = {f for cls in (ModelArguments, DataArguments, TrainArguments) for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"{config_path}: unknown keys {unknown}")
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if config_path:  # YAML values bypass argparse's type conversion: checked here
+            parser.set_defaults(**load_yaml_defaults(config_path, (ModelArguments, DataArguments, TrainArguments)))
+        settings = parser.parse_args_into_dataclasses(args=argv)
+        check_settings(settings)
+        method_options(settings[0])
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")  # one line, before any model loads
+    return settings
+
+
+def method_options(model_args: ModelArguments) -> dict:
+    if model_args.method not in prompt_peft.METHODS:
+        raise ConfigError(f"--method must be one of {sorted(prompt_peft.METHODS)}, got {model_args.method!r}")
+    return parse_method_kwargs(
+        model_args.method_kwargs, prompt_peft.METHODS[model_args.method][0], model_args.method,
+        embedding_dim=model_args.embedding_dim,
+    )
 
 
 def build_model(model_args: ModelArguments, num_classes: int):
-    if model_args.method not in prompt_peft.METHODS:
-        raise SystemExit(f"--method must be one of {sorted(prompt_peft.METHODS)}, got {model_args.method!r}")
-    config_cls = prompt_peft.METHODS[model_args.method][0]
-    kwargs = json.loads(model_args.method_kwargs)
-    config = config_cls(embedding_dim=model_args.embedding_dim, num_classes=num_classes, **kwargs)
+    try:
+        config = prompt_peft.method_config(
+            model_args.method, model_args.method_kwargs, embedding_dim=model_args.embedding_dim, num_classes=num_classes
+        )
+    except ValueError as error:
+        raise SystemExit(f"--method / --method_kwargs: {error}") from None
     backbone = AutoModel.from_pretrained(model_args.backbone)
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card
         model.peft_config["default"].base_model_name_or_path = model_args.base_model_hub_id
     return model
-
-
-def contiguous_labels(split) -> tuple[torch.Tensor, dict[int, int]]:
-    """Train labels as 0..C-1 (proxies are indexed by class); the data set's ClassLabels may not be."""
-    original = np.asarray(split.with_format("numpy")["label"]).tolist()  # label column only, no decoding
-    mapping = {label: i for i, label in enumerate(sorted(set(original)))}
-    return torch.tensor([mapping[label] for label in original]), mapping
 
 
 def main(argv=None) -> dict:
@@ -175,6 +200,7 @@ def main(argv=None) -> dict:
 def run(argv=None):
     """The whole job; returns ``(summary, trained PeftModel)`` (the model for callers such as tests)."""
     model_args, data_args, train_args = parse_args(argv)
+    base_model_hub_id = preflight(model_args, train_args)  # every check that needs no model, before any work
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # makes `--multi_gpu` launches real gloo DDP jobs on CPU
         mixed_precision=train_args.mixed_precision,
@@ -191,13 +217,22 @@ def run(argv=None):
     checkpoints_dir = output_dir / "checkpoints"
 
     # ---- data
-    splits = load_retrieval_dataset(data_args.dataset, data_args.data_root, check_counts=data_args.check_counts)
+    splits, skipped_images = load_checked(
+        data_args.dataset,
+        data_args.data_root,
+        scan=data_args.scan_images,
+        skip_bad=data_args.skip_bad_images,
+        report_file=output_dir / "bad_images.txt",
+        check_counts=data_args.check_counts,
+        progress=accelerator.is_main_process,
+    )
     train_labels, label_map = contiguous_labels(splits["train"])
     splits = with_rgb_images(splits)  # decode with clear errors, always RGB
     train_split = SeededRows(splits["train"], seed=train_args.seed)  # augmentation fixed by (seed, epoch, index)
     processor = AutoImageProcessor.from_pretrained(model_args.backbone)
     train_collate = make_collate_fn(train_transform(processor, data_args.image_size), label_map=label_map)
-    eval_collate = make_collate_fn(eval_transform(processor, data_args.image_size))
+    preprocessing = preprocessing_of(processor, data_args.image_size)  # recorded in the adapter for evaluation
+    eval_collate = make_collate_fn(transform_from_preprocessing(preprocessing, processor))
     eval_splits = {k: v for k, v in splits.items() if k != "train"}
     loader, sampler = build_train_dataloader(
         train_split,
@@ -212,32 +247,24 @@ def run(argv=None):
 
     # ---- model, optimiser, schedule
     model = build_model(model_args, num_classes=len(label_map))
-    if hasattr(model.base_model, "fit_hierarchy"):
-        # SHIP: semantic levels and attribute prototypes from the frozen backbone, before the prompts exist in
-        # the optimiser. Every process reads the same unsharded, unshuffled train split: identical levels.
-        fit_loader = DataLoader(
-            splits["train"],
-            batch_size=data_args.eval_batch_size,
-            collate_fn=eval_collate,
-            num_workers=data_args.num_workers,
-        )
-        hierarchy = model.base_model.fit_hierarchy(fit_loader)
-        logger.info("semantic levels %s", model.peft_config["default"].levels)
-        del hierarchy
+    model.peft_config["default"].image_preprocessing = preprocessing
+    # Data-dependent state from the frozen backbone (SHIP's levels), before the optimiser exists. Every process
+    # reads the same unsharded, unshuffled train split; methods without such state never iterate the loader.
+    fit_loader = DataLoader(
+        splits["train"], batch_size=data_args.eval_batch_size, collate_fn=eval_collate, num_workers=data_args.num_workers
+    )
+    fitted = model.base_model.fit_to_data(fit_loader)
+    if fitted:
+        logger.info(fitted)
     if train_args.activation_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = build_optimizer(
-        model, lr=train_args.learning_rate, proxy_lr=train_args.proxy_lr, weight_decay=train_args.weight_decay
+        model,
+        lr=train_args.learning_rate,
+        proxy_lr=train_args.proxy_lr,
+        weight_decay=train_args.weight_decay,
+        backbone_lr=train_args.backbone_lr,
     )
-    if train_args.backbone_lr:
-        prefix = model.base_model.prefix  # adapter parameters carry it in their names
-        backbone_params = [p for n, p in model.base_model.model.named_parameters() if prefix not in n]
-        for p in backbone_params:
-            p.requires_grad_(True)
-        optimizer.add_param_group(
-            {"params": backbone_params, "lr": train_args.backbone_lr, "weight_decay": train_args.weight_decay,
-             "name": "backbone"}
-        )
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     steps_per_epoch = math.ceil(len(loader) / train_args.gradient_accumulation_steps)
@@ -292,7 +319,7 @@ def run(argv=None):
             # RNG bookkeeping, and prefetching or iterator creation cannot shift the random stream.
             torch.manual_seed(hash((train_args.seed, epoch, micro_step, accelerator.process_index)) % 2**62)
             with accelerator.accumulate(model):
-                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                loss = training_step(model, batch["pixel_values"], batch["labels"]).loss
                 mean_loss = accelerator.gather(loss.detach()).mean()  # the same value on every process
                 check_finite(mean_loss, step + 1, checkpoint_dir=_latest(checkpoints_dir))
                 accelerator.backward(loss)
@@ -310,7 +337,7 @@ def run(argv=None):
             accelerator.log({"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
             if train_args.checkpointing_steps and step % train_args.checkpointing_steps == 0:
                 save_checkpoint(
-                    accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.keep_checkpoints
+                    accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.save_total_limit or 0
                 )
             if step >= total_steps:
                 break
@@ -340,7 +367,7 @@ def run(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     parameters = unwrapped.base_model.get_parameter_counts()
     if train_args.backbone_lr:  # the fine-tuned backbone is part of what is trained, stored and run
-        backbone_size = sum(p.numel() for p in unwrapped.get_base_model().parameters()) - parameters["stored"]
+        backbone_size = unwrapped.base_model.backbone_parameter_count()
         parameters = {k: v + backbone_size for k, v in parameters.items()}
     summary = {
         "method": model_args.method,
@@ -353,6 +380,7 @@ def run(argv=None):
         "train_seconds": round(time.time() - start_time - all_evals_seconds, 1),
         "final_metrics": metrics,
         "eval_images": sum(len(split) for split in eval_splits.values()),
+        "bad_images_skipped": len(skipped_images),
         "eval_seconds": round(eval_seconds, 3) if eval_seconds is not None else None,
         "eval_seconds_total": round(all_evals_seconds, 1),
         "baseline_metrics": baseline,
@@ -361,31 +389,24 @@ def run(argv=None):
     }
     if accelerator.is_main_process:
         figures = save_figures(output_dir, history, eval_splits, embedded)
-        if hasattr(unwrapped.base_model, "resample_images"):  # a pixel-space prompt (FRPT): show what it zooms into
-            figures.update(save_resampled(output_dir, unwrapped, eval_splits, eval_collate, processor))
+        figures.update(save_transformed_inputs(output_dir, unwrapped, eval_splits, eval_collate, processor))
         settings = {**asdict(model_args), **asdict(data_args), **asdict(train_args)}
         card = card_kwargs(summary, figures, settings, base_model_id=model_args.base_model_hub_id)
-        save_adapter(unwrapped, output_dir / "adapter", base_model_id=model_args.base_model_hub_id,
-                     repo_id=train_args.hub_model_id, **card)  # with the project's model card
+        save_atomically(  # with the project's model card
+            partial(save_adapter, unwrapped, base_model_id=model_args.base_model_hub_id,
+                    repo_id=train_args.hub_model_id, **card),
+            output_dir / "adapter",
+        )
         if train_args.backbone_lr:
-            copy.deepcopy(unwrapped).unload().save_pretrained(output_dir / "backbone")
+            save_atomically(copy.deepcopy(unwrapped).unload().save_pretrained, output_dir / "backbone")
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        if checkpoints := describe_checkpoints(checkpoints_dir):
+            logger.info(checkpoints)
         if train_args.push_to_hub:
-            publish(unwrapped, model_args, train_args, card)
+            publish(unwrapped, base_model_hub_id, train_args, card)
         print(format_run_summary(summary, output_dir), flush=True)
     accelerator.end_training()
     return summary, unwrapped
-
-
-def clip_gradients(accelerator, model, max_norm: float) -> None:
-    """accelerate's clipping, or, when a gradient is sparse (VPTSP-G's class prompts, which torch's
-    ``clip_grad_norm_`` rejects), unscale (mixed precision) and clip with the sparse-aware version."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if any(p.grad.is_sparse for p in params):
-        accelerator.unscale_gradients()
-        sparse_aware_clip_grad_norm_(params, max_norm)
-    else:
-        accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _latest(checkpoints_dir: Path) -> Optional[Path]:
@@ -413,17 +434,17 @@ def save_figures(output_dir: Path, history: dict, eval_splits, embedded) -> dict
     return figures
 
 
-def save_resampled(output_dir: Path, model, eval_splits, collate, processor, count: int = 8) -> dict[str, Path]:
-    """A PNG of ``count`` evaluation images (top row) and the re-sampled images the backbone saw (bottom row)."""
+def save_transformed_inputs(output_dir: Path, model, eval_splits, collate, processor, count: int = 8):
+    """For a method that transforms the input images (FRPT), a PNG of ``count`` evaluation images (top row) and
+    what the backbone saw (bottom row); nothing for the others."""
     split = eval_splits.get("test") or next(iter(eval_splits.values()), None)
     if split is None or len(split) == 0:
         return {}
     rows = np.linspace(0, len(split) - 1, num=min(count, len(split)), dtype=int).tolist()
     pixels = collate([split[i] for i in rows])["pixel_values"]
-    was_training = model.training
-    model.eval()
-    resampled = model.base_model.resample_images(pixels)
-    model.train(was_training)
+    resampled = model.base_model.transformed_inputs(pixels)
+    if resampled is None:
+        return {}
     mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
     std = getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)
     path = output_dir / "resampled_images.png"
@@ -441,10 +462,20 @@ class _LazyImages:
         return self.split[int(index)]["image"]
 
 
-def publish(model, model_args, train_args, card: dict) -> None:
-    if not train_args.hub_model_id:
-        raise SystemExit("--push_to_hub needs --hub_model_id org/name")
-    base_model_id = model_args.base_model_hub_id or model_args.backbone
+def preflight(model_args: ModelArguments, train_args: TrainArguments) -> Optional[str]:
+    """The output folder, the backbone source and every push pre-condition; returns the base model's Hub id."""
+    check_output_dir(
+        train_args.output_dir,
+        overwrite=train_args.overwrite_output_dir,
+        resuming=bool(train_args.resume_from_checkpoint),
+    )
+    check_backbone_source(model_args.backbone)
+    if not train_args.push_to_hub:
+        return None
+    return check_push_preconditions(train_args.hub_model_id, model_args.backbone, model_args.base_model_hub_id)
+
+
+def publish(model, base_model_id, train_args, card: dict) -> None:
     info = push_adapter_to_hub(
         model, train_args.hub_model_id, base_model_id=base_model_id, private=train_args.hub_private, **card
     )
@@ -452,4 +483,5 @@ def publish(model, model_args, train_args, card: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

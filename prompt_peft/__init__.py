@@ -9,8 +9,12 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 """
 
 from .backbones import SUPPORTED_MODELS, BackboneSpec
-from .loading import from_pretrained
+from .hub_checks import install as _install_push_explanation
+from .loading import from_pretrained, image_transform
+from .methods import METHODS, build_peft_model, method_config
 from .registry import register_method
+from .strict_loading import AdapterMismatchError
+from .strict_loading import install as _install_strict_loading
 from .tuners.frpt import FRPTConfig, FRPTModel
 from .tuners.semantic_proxy import SemanticProxyVPTConfig, SemanticProxyVPTModel
 from .tuners.ship import SHIPConfig, SHIPModel
@@ -18,18 +22,13 @@ from .tuners.vpt import VPTConfig, VPTModel
 
 __version__ = "0.1.0"
 
-# method name (as examples/train_dml.py --method takes it) -> (config, tuner); registration makes them real peft
-# methods under the tuner's prefix (PeftType.VPT, ..., "semantic_proxy" -> PeftType.VPTSP with prefix "vptsp_").
-METHODS = {
-    "vpt": (VPTConfig, VPTModel),
-    "ship": (SHIPConfig, SHIPModel),
-    "frpt": (FRPTConfig, FRPTModel),
-    "semantic_proxy": (SemanticProxyVPTConfig, SemanticProxyVPTModel),
-}
 for _config_cls, _model_cls in METHODS.values():
     register_method(_model_cls.prefix.removesuffix("_"), _config_cls, _model_cls)
+_install_strict_loading()  # transformers' load_adapter: strict for prompt_peft adapters
+_install_push_explanation()  # PeftModel.push_to_hub: a lost connection explained
 
 __all__ = [
+    "AdapterMismatchError",
     "BackboneSpec",
     "FRPTConfig",
     "FRPTModel",
@@ -41,6 +40,9 @@ __all__ = [
     "SUPPORTED_MODELS",
     "VPTConfig",
     "VPTModel",
+    "build_peft_model",
     "from_pretrained",
+    "image_transform",
+    "method_config",
     "__version__",
 ]

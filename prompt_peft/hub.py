@@ -14,7 +14,7 @@ Three entry points, all generic over any ``peft.PeftModel`` (LoRA or a prompt_pe
     shows; what ``examples/train_dml.py`` saves.
 
 ``push_adapter_to_hub(peft_model, "org/name", base_model_id="google/vit-base-patch16-224", results=..., ...)``
-    The recommended push flow (integration.md §4, §6). ``PeftModel.push_to_hub`` is not used because it replaces
+    The recommended push flow. ``PeftModel.push_to_hub`` is not used because it replaces
     PEFT's card with a generic transformers card (``library_name: transformers``, no ``base_model``). Instead::
 
         peft_model.save_pretrained(tmp, save_embedding_layers=False)   # no network during save
@@ -545,28 +545,37 @@ def push_adapter_to_hub(
         _save_with_card(peft_model, folder, repo_id, base_model_id, extra_files, selected_adapters, card_kwargs)
         _assert_no_local_paths(folder, local_paths)
 
+        from .hub_checks import hub_errors_explained
+
         api = api or HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
-        if revision not in (None, "main"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            revision=revision,
-            commit_message=commit_message or f"Upload {method} adapter",
-            commit_description=commit_description,
-            token=token,
-        )
+        with hub_errors_explained(f"push the adapter to {repo_id!r}", "Nothing was published; the local adapter is "
+                                  "unchanged. Push again once the Hub can be reached."):
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(folder),
+                revision=revision,
+                commit_message=commit_message or f"Upload {method} adapter",
+                commit_description=commit_description,
+                token=token,
+            )
 
 
 def _assert_no_local_paths(folder: Path, local_paths: set[str]) -> None:
-    """Last line of defence: no file about to be published may contain a local base-model path."""
+    """Last line of defence: no file about to be published may contain a local base-model path.
+
+    A path counts only as a whole token: the folder name ``vit32`` inside the Hub id ``org/vit32`` is not the
+    local path ``vit32``.
+    """
     needles = {p.encode() for p in local_paths} | {os.path.abspath(p).encode() for p in local_paths}
     needles.discard(b"")
+    patterns = {needle: re.compile(rb"(?<![\w./\\-])" + re.escape(needle) + rb"(?![\w./\\-])") for needle in needles}
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
         data = path.read_bytes()
-        for needle in needles:
-            if needle in data:
+        for needle, pattern in patterns.items():
+            if pattern.search(data):
                 raise ValueError(f"{path.relative_to(folder)} would publish the local path {needle.decode()!r}")

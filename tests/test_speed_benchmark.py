@@ -163,3 +163,32 @@ def test_load_times_memory_and_flops_are_measured(report):
     assert rows["semantic_proxy"]["saved_activation_bytes"] > rows["vpt_deep"]["saved_activation_bytes"]  # 2 passes
     assert rows["linear_probe"]["train_flops"] < min(rows["full_ft"]["train_flops"], rows["vpt_deep"]["train_flops"])
     assert rows["semantic_proxy"]["train_flops"] > rows["vpt_deep"]["train_flops"]
+
+
+def test_the_other_families_have_rows(tmp_path):
+    """timm (TimmWrapperModel), DINOv3 and SigLIP 2 shapes run the same rows; SigLIP 2 has no FRPT row (refused)."""
+    families = ["tiny-timm", "tiny-dinov3", "tiny-siglip2"]
+    argv = ["--models", ",".join(families), "--methods", "vpt_deep,frpt", "--warmup", "1", "--steps", "1"]
+    argv += ["--infer_batches", "1", "--load_repeats", "1", "--threads", "1", "--output_dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv],
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "speed-cpu.json").read_text())
+    expected = {
+        "tiny-timm": {"full_ft", "vpt_deep", "frpt"},
+        "tiny-dinov3": {"full_ft", "vpt_deep", "frpt"},
+        "tiny-siglip2": {"full_ft", "vpt_deep"},
+    }
+    for family in families:
+        rows = {r["row"]: r for r in data["models"][family]["rows"]}
+        assert set(rows) == expected[family]
+        for row in rows.values():
+            assert "error" not in row and row["step_ms"] > 0 and row["params"]["inference"] > 0
+        assert rows["vpt_deep"]["params"]["trainable"] < rows["full_ft"]["params"]["trainable"]

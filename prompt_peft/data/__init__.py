@@ -6,6 +6,7 @@ from .datasets import (
     LOADERS,
     OFFICIAL_COUNTS,
     DatasetCountError,
+    contiguous_labels,
     detect_layout,
     load_cars196,
     load_cub200,
@@ -21,7 +22,14 @@ from .datasets import (
 )
 from .hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 from .samplers import MPerClassBatchSampler
-from .transforms import SeededRows, eval_transform, make_collate_fn, train_transform
+from .transforms import (
+    SeededRows,
+    eval_transform,
+    make_collate_fn,
+    preprocessing_of,
+    train_transform,
+    transform_from_preprocessing,
+)
 from .images import (
     DEFAULT_MIN_SIZE,
     BadImage,
@@ -38,11 +46,14 @@ __all__ = [
     "HUB_SOURCES",
     "HubSource",
     "load_benchmark_from_hub",
+    "contiguous_labels",
     "MPerClassBatchSampler",
     "SeededRows",
     "eval_transform",
     "make_collate_fn",
+    "preprocessing_of",
     "train_transform",
+    "transform_from_preprocessing",
     "DEFAULT_MIN_SIZE",
     "IMAGE_EXTENSIONS",
     "LOADERS",

@@ -9,8 +9,8 @@ Every loader returns splits `train` / `test` (`train` / `query` / `gallery` for 
   `n_train_classes .. n_classes - 1`, so a label never means two classes in two splits. For CUB, Cars and
   Flowers, whose train classes are the first ones, the label is the official class id minus one.
 
-The retrieval protocol splits by class (zero-shot), not the classification splits the data sets ship with; see
-`shared/docs/evaluation.md` §1.1. Official image and class counts are checked by default
+The retrieval protocol splits by class (zero-shot), not the classification splits the data sets ship with, as in
+the deep-metric-learning literature (see docs/data.md). Official image and class counts are checked by default
 (`check_counts=True`), so a broken download fails loudly instead of shifting results.
 
 Every loader also takes these keyword options (see `load_retrieval_dataset`):
@@ -40,6 +40,7 @@ from typing import Any, Literal
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets
 
 from .images import DEFAULT_MIN_SIZE, BadImage, BadImagesError, describe_bad_images, load_rgb, scan_images
+from .safe_paths import confine_image_paths
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ Counts = Mapping[str, tuple[int, int | None]]
 #: Image file name endings accepted by `load_imagefolder` (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-#: Official counts, `split -> (images, classes)`; "all" is the whole data set. Source: evaluation.md §1.1 and
-#: assets.md §2 (Flowers classes 1–51 / 52–102 counted on the provided copy). In-Shop's query and gallery
+#: Official counts, `split -> (images, classes)`; "all" is the whole data set. Source: the data sets' releases and
+#: docs/data.md (Flowers classes 1–51 / 52–102 counted on the provided copy). In-Shop's query and gallery
 #: class counts are not pinned separately: together they are the 3,985 test items, which "all" and "train"
 #: imply.
 OFFICIAL_COUNTS: dict[str, dict[str, tuple[int, int | None]]] = {
@@ -86,6 +87,7 @@ class _Options:
     min_size: int | None = DEFAULT_MIN_SIZE
     num_workers: int | None = None
     progress: bool = True
+    skipped: list[BadImage] | None = None  # receives every image left out by on_bad_image="skip"
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ("raise", "skip"):
@@ -249,6 +251,8 @@ def _finish(
         kept[split] = ds.select([i for i in range(len(ds)) if i not in drop]) if drop else ds
     dd = DatasetDict(kept)
     bad = missing + unreadable
+    if bad and skip and options.skipped is not None:
+        options.skipped.extend(bad)
     if bad and skip:
         logger.warning(
             "%s: leaving out %d unusable image(s) because on_bad_image='skip':\n%s",
@@ -616,6 +620,20 @@ def _is_parquet_path(path: str) -> bool:
     )
 
 
+def _data_folders(path: str, load_kwargs: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """``(roots, base)`` for `confine_image_paths`: a local data set's own folder; for a Hub id, the caches its
+    files are downloaded to (relative paths refused)."""
+    if os.path.isdir(path) or _is_parquet_path(path):
+        folder = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0].split("?")[0].split("[")[0])
+        folder = os.path.abspath(folder or ".")
+        return [folder], folder
+    import datasets.config
+    from huggingface_hub import constants
+
+    caches = [datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE, load_kwargs.get("cache_dir")]
+    return [os.fspath(c) for c in caches if c], None
+
+
 def load_hub_dataset(
     path: str | os.PathLike | Dataset | DatasetDict,
     *,
@@ -651,6 +669,7 @@ def load_hub_dataset(
     Class names come from the source `ClassLabel` when there is one, else from the label values.
     """
     opts = _options(options)
+    folders = None  # where path-only image rows may point (None: in memory, the caller's own data)
     if isinstance(path, (Dataset, DatasetDict)):
         source, title = path, title or "in-memory data set"
     else:
@@ -658,6 +677,7 @@ def load_hub_dataset(
 
         path = os.fspath(path)
         title = title or path
+        folders = _data_folders(path, load_kwargs or {})
         if _is_parquet_path(path):
             files = os.path.join(path, "**", "*.parquet") if os.path.isdir(path) else path
             source = load_dataset("parquet", data_files=files, **(load_kwargs or {}))
@@ -719,6 +739,8 @@ def load_hub_dataset(
     for split, ds in parts.items():
         labels = [label_of[k] for k in keys_of(ds)]
         datasets[split] = ds.remove_columns("_key").add_column("label", labels).cast_column("label", label)
+    if folders is not None:
+        datasets = confine_image_paths(title, datasets, *folders)
     return _finish(f"Hub data set {title}", datasets, opts, official=None, listed_in=title)
 
 
@@ -799,7 +821,8 @@ def load_retrieval_dataset(
             every image before returning; `on_bad_image="raise"` raise `BadImagesError` listing missing,
             unreadable or tiny files, or `"skip"` to leave them out with a logged warning; `min_size=16`
             smallest acceptable shorter side for `verify_images`; `num_workers` threads for it;
-            `progress=True` show a progress bar.
+            `progress=True` show a progress bar; `skipped=<a list>` receives the `BadImage` of every image
+            left out by `on_bad_image="skip"`.
 
     Files listed in annotations but absent on disk are always detected (a cheap stat); decoding every image is
     opt-in because it takes minutes on SOP (about 2,000 small images/s on 2 cores).
@@ -847,3 +870,15 @@ def with_rgb_images(
 ) -> Dataset | DatasetDict:
     """`ds` with `column` decoded on access by `load_rgb` (always RGB, clear errors), then `transform`."""
     return ds.cast_column(column, Image(decode=False)).with_transform(rgb_transform(transform, column))
+
+
+def contiguous_labels(split: Dataset, label_column: str = "label"):
+    """A split's labels as ``0..C-1`` (proxies and class prompts are indexed by class; a data set's ClassLabels
+    may not be contiguous): ``(labels (N,) int64 tensor, {original label: new label})``. Reads the label column
+    only, without decoding images."""
+    import numpy as np
+    import torch
+
+    original = np.asarray(split.with_format("numpy")[label_column]).tolist()
+    mapping = {label: i for i, label in enumerate(sorted(set(original)))}
+    return torch.tensor([mapping[label] for label in original]), mapping

@@ -1,4 +1,4 @@
-"""Reusable training building blocks: class-balanced dataloader, optimiser groups, schedule, loss guard,
+"""Reusable training building blocks: the training step, class-balanced dataloader, optimiser groups, schedule, loss guard,
 crash-safe checkpoints and the retrieval evaluation loop.
 
 Seeding: use ``accelerate.utils.set_seed`` (not re-implemented here).
@@ -9,12 +9,14 @@ from .checks import check_finite
 from .dataloader import build_train_dataloader
 from .evaluation import evaluate_frozen_backbone, evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler
-from .row_sparse import RowSparseAdamW, clip_grad_norm_
+from .row_sparse import RowSparseAdamW, clip_grad_norm_, clip_gradients
+from .step import StepOutput, find_tuner, training_step
 from .summary import card_kwargs, format_run_summary
 
 __all__ = [
     "PROXY_LR_FACTOR",
     "RowSparseAdamW",
+    "StepOutput",
     "build_optimizer",
     "build_scheduler",
     "build_train_dataloader",
@@ -22,11 +24,14 @@ __all__ = [
     "check_finite",
     "clip_grad_norm_",
     "evaluate_frozen_backbone",
+    "clip_gradients",
     "evaluate_retrieval",
+    "find_tuner",
     "format_metrics",
     "format_run_summary",
     "list_checkpoints",
     "load_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
+    "training_step",
 ]
