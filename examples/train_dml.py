@@ -48,7 +48,7 @@ from prompt_peft.config_checks import (
 from prompt_peft.data.preflight import load_checked
 from prompt_peft.hub_checks import check_backbone_source, check_push_preconditions
 from prompt_peft.training.output_dir import check_output_dir, describe_checkpoints, save_atomically
-from prompt_peft.hub import RetrievalResult, push_adapter_to_hub
+from prompt_peft.hub import push_adapter_to_hub, save_adapter
 from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
     SeededRows,
@@ -63,10 +63,13 @@ from prompt_peft.training import (
     build_optimizer,
     build_scheduler,
     build_train_dataloader,
+    card_kwargs,
     check_finite,
+    evaluate_frozen_backbone,
     clip_gradients,
     evaluate_retrieval,
     format_metrics,
+    format_run_summary,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -133,6 +136,9 @@ class TrainArguments:
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 needs a GPU)."})
     seed: int = field(default=42)
     eval_every_epochs: int = field(default=1, metadata={"help": "0: evaluate only at the end."})
+    eval_baseline: bool = field(
+        default=False, metadata={"help": "Also evaluate the frozen backbone first, for comparison in the summary."}
+    )
     checkpointing_steps: Optional[int] = field(default=None, metadata={"help": "Save the state every N steps."})
     save_total_limit: Optional[int] = field(
         default=2, metadata={"help": "Checkpoints kept (the newest ones); 0 or None keeps all."}
@@ -274,6 +280,12 @@ def run(argv=None):
     if train_args.report_to:
         accelerator.init_trackers("train_dml", config={**asdict(model_args), **asdict(data_args), **asdict(train_args)})
 
+    baseline, baseline_start = None, time.time()
+    if train_args.eval_baseline:
+        baseline = evaluate_frozen_backbone(model, eval_splits, eval_collate, accelerator=accelerator,
+                                            batch_size=data_args.eval_batch_size, num_workers=data_args.num_workers)
+        logger.info(format_metrics(baseline, prefix="frozen backbone"))
+
     # ---- resume
     step, history = 0, {"loss": [], "eval": []}
     checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, checkpoints_dir)
@@ -291,7 +303,8 @@ def run(argv=None):
         steps_per_epoch,
     )
     progress = tqdm(total=total_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
-    metrics, embedded, eval_seconds, all_evals_seconds = None, None, None, 0.0
+    metrics, embedded, eval_seconds = None, None, None
+    all_evals_seconds = time.time() - baseline_start if baseline else 0.0
     for epoch in range(step // steps_per_epoch, num_epochs):
         model.train()
         done_in_epoch = (step - epoch * steps_per_epoch) * train_args.gradient_accumulation_steps
@@ -369,21 +382,29 @@ def run(argv=None):
         "eval_images": sum(len(split) for split in eval_splits.values()),
         "bad_images_skipped": len(skipped_images),
         "eval_seconds": round(eval_seconds, 3) if eval_seconds is not None else None,
+        "eval_seconds_total": round(all_evals_seconds, 1),
+        "baseline_metrics": baseline,
         "parameters": parameters,
         "history": history,
     }
     if accelerator.is_main_process:
-        save_atomically(partial(unwrapped.save_pretrained, save_embedding_layers=False), output_dir / "adapter")
+        figures = save_figures(output_dir, history, eval_splits, embedded)
+        figures.update(save_transformed_inputs(output_dir, unwrapped, eval_splits, eval_collate, processor))
+        settings = {**asdict(model_args), **asdict(data_args), **asdict(train_args)}
+        card = card_kwargs(summary, figures, settings, base_model_id=model_args.base_model_hub_id)
+        save_atomically(  # with the project's model card
+            partial(save_adapter, unwrapped, base_model_id=model_args.base_model_hub_id,
+                    repo_id=train_args.hub_model_id, **card),
+            output_dir / "adapter",
+        )
         if train_args.backbone_lr:
             save_atomically(copy.deepcopy(unwrapped).unload().save_pretrained, output_dir / "backbone")
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-        figures = save_figures(output_dir, history, eval_splits, embedded)
-        figures.update(save_transformed_inputs(output_dir, unwrapped, eval_splits, eval_collate, processor))
-        logger.info("adapter saved to %s", output_dir / "adapter")
         if checkpoints := describe_checkpoints(checkpoints_dir):
             logger.info(checkpoints)
         if train_args.push_to_hub:
-            publish(unwrapped, base_model_hub_id, data_args, train_args, summary, figures)
+            publish(unwrapped, base_model_hub_id, train_args, card)
+        print(format_run_summary(summary, output_dir), flush=True)
     accelerator.end_training()
     return summary, unwrapped
 
@@ -394,14 +415,18 @@ def _latest(checkpoints_dir: Path) -> Optional[Path]:
 
 def save_figures(output_dir: Path, history: dict, eval_splits, embedded) -> dict[str, Path]:
     """The training curve and, after an evaluation, a retrieval gallery of 5 queries (top-5 neighbours)."""
-    figures = {"Training curve": output_dir / "training_curve.png"}
-    evaluations = [(e["step"], e["recall@1"]) for e in history["eval"]]
-    training_curve(history["loss"], evaluations).save(figures["Training curve"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"Training curve (loss; held-out R@1 and MAP@R at each evaluation)": output_dir / "training_curve.png"}
+    evaluations = [(e["step"], e) for e in history["eval"]]
+    training_curve(history["loss"], evaluations).save(output_dir / "training_curve.png")
     if embedded and "test" in embedded:
         embeddings, labels = embedded["test"]
         queries = np.linspace(0, len(labels) - 1, num=min(5, len(labels)), dtype=int).tolist()
+        names = getattr(eval_splits["test"].features["label"], "names", None)
         # Neighbours are read only from the images we draw: gather the ones the top-5 needs.
-        gallery = retrieval_gallery(_LazyImages(eval_splits["test"]), embeddings, labels, queries, k=5)
+        gallery = retrieval_gallery(
+            _LazyImages(eval_splits["test"]), embeddings, labels, queries, k=5, class_names=names
+        )
         figures["Retrieval examples (query in blue; green: same class, red: other class)"] = (
             output_dir / "retrieval_gallery.png"
         )
@@ -450,25 +475,9 @@ def preflight(model_args: ModelArguments, train_args: TrainArguments) -> Optiona
     return check_push_preconditions(train_args.hub_model_id, model_args.backbone, model_args.base_model_hub_id)
 
 
-def publish(model, base_model_id, data_args, train_args, summary, figures) -> None:
-    results = []
-    if summary["final_metrics"]:
-        results = [RetrievalResult(data_args.dataset, summary["final_metrics"], dataset_split="test")]
+def publish(model, base_model_id, train_args, card: dict) -> None:
     info = push_adapter_to_hub(
-        model,
-        train_args.hub_model_id,
-        base_model_id=base_model_id,
-        results=results,
-        parameter_counts=summary["parameters"],
-        images={title: path.name for title, path in figures.items()},
-        extra_files=list(figures.values()),
-        training={
-            "steps": summary["steps"],
-            "epochs (last-epoch numbers)": train_args.num_epochs,
-            "learning rate": train_args.learning_rate,
-            "seed": train_args.seed,
-        },
-        private=train_args.hub_private,
+        model, train_args.hub_model_id, base_model_id=base_model_id, private=train_args.hub_private, **card
     )
     logger.info("pushed to %s (commit %s)", train_args.hub_model_id, info.oid)
 

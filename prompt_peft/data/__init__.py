@@ -20,6 +20,7 @@ from .datasets import (
     split_classes,
     with_rgb_images,
 )
+from .hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 from .samplers import MPerClassBatchSampler
 from .transforms import (
     SeededRows,
@@ -41,6 +42,10 @@ from .images import (
 )
 
 __all__ = [
+    "FLOWERS102_CLASS_NAMES",
+    "HUB_SOURCES",
+    "HubSource",
+    "load_benchmark_from_hub",
     "contiguous_labels",
     "MPerClassBatchSampler",
     "SeededRows",

@@ -646,6 +646,8 @@ def load_hub_dataset(
     train_classes: Sequence[Any] | None = None,
     test_classes: Sequence[Any] | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
+    class_names: Mapping[Any, str] | None = None,
+    title: str | None = None,
     **options: Any,
 ) -> DatasetDict:
     """A data set with an image column and a label column, from the Hub, local parquet files, or memory.
@@ -661,18 +663,20 @@ def load_hub_dataset(
             `test_ratio` / `seed` (see `split_classes`) or by `train_classes` / `test_classes` (label values:
             ints for a `ClassLabel` or integer column, strings for a string column).
         load_kwargs: extra arguments for `datasets.load_dataset` (e.g. `name`, `revision`, `cache_dir`).
+        class_names: label value -> class name; replaces the names below.
+        title: how messages name the data set (default: `path`).
 
     Class names come from the source `ClassLabel` when there is one, else from the label values.
     """
     opts = _options(options)
     folders = None  # where path-only image rows may point (None: in memory, the caller's own data)
     if isinstance(path, (Dataset, DatasetDict)):
-        source, title = path, "in-memory data set"
+        source, title = path, title or "in-memory data set"
     else:
         from datasets import load_dataset
 
         path = os.fspath(path)
-        title = path
+        title = title or path
         folders = _data_folders(path, load_kwargs or {})
         if _is_parquet_path(path):
             files = os.path.join(path, "**", "*.parquet") if os.path.isdir(path) else path
@@ -726,6 +730,8 @@ def load_hub_dataset(
         }
 
     def name_of(key: Any) -> str:
+        if class_names is not None and key in class_names:
+            return class_names[key]
         return names[key] if names is not None else str(key)
 
     label, label_of = _class_label(train_keys, other_keys, name_of)
@@ -804,7 +810,10 @@ def load_retrieval_dataset(
         name_or_path: a loader name (`cub200`, `cars196`, `sop`, `inshop`, `flowers102`, `imagefolder`, `hub`,
             or an alias such as `cub`, `cars`, `flowers`), or a directory whose layout is detected
             (`detect_layout`), or a `.parquet` file / glob (loaded with `load_hub_dataset`).
-        root: the data set's directory for the named layouts; for `hub`, the Hub id or parquet path.
+        root: the data set's directory for the named layouts; for `hub`, the Hub id or parquet path. Without
+            it, `cub200`, `cars196` and `flowers102` load their pinned Hub copy
+            (`prompt_peft.data.hub_datasets.load_benchmark_from_hub`; `revision=` / `repo_id=` override the
+            pin), and `sop` / `inshop` raise `FileNotFoundError` saying where to get the official files.
         **kwargs: the loader's own options, plus the checks every loader takes:
             `check_counts=True` compare with the official counts (`OFFICIAL_COUNTS`) and raise
             `DatasetCountError` on a mismatch; `expected_counts={"all" | split: (images, classes or None)}`
@@ -822,6 +831,12 @@ def load_retrieval_dataset(
     loader_name = _canonical(text)
     if loader_name is not None and not (root is None and os.path.isdir(text)):
         if root is None:
+            from .hub_datasets import HUB_SOURCES, OFFICIAL_ONLY, load_benchmark_from_hub
+
+            if loader_name in HUB_SOURCES:  # no local copy: the pinned Hub copy
+                return load_benchmark_from_hub(loader_name, **kwargs)
+            if loader_name in OFFICIAL_ONLY:
+                raise FileNotFoundError(f"{text} needs root= (its official files). {OFFICIAL_ONLY[loader_name]}")
             raise ValueError(f"load_retrieval_dataset({text!r}) needs root= (the data set's directory or source)")
         return LOADERS[loader_name](root, **kwargs)
     if root is not None:
