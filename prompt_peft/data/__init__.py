@@ -20,8 +20,16 @@ from .datasets import (
     split_classes,
     with_rgb_images,
 )
+from .hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 from .samplers import MPerClassBatchSampler
-from .transforms import SeededRows, eval_transform, make_collate_fn, train_transform
+from .transforms import (
+    SeededRows,
+    eval_transform,
+    make_collate_fn,
+    preprocessing_of,
+    train_transform,
+    transform_from_preprocessing,
+)
 from .images import (
     DEFAULT_MIN_SIZE,
     BadImage,
@@ -34,12 +42,18 @@ from .images import (
 )
 
 __all__ = [
+    "FLOWERS102_CLASS_NAMES",
+    "HUB_SOURCES",
+    "HubSource",
+    "load_benchmark_from_hub",
     "contiguous_labels",
     "MPerClassBatchSampler",
     "SeededRows",
     "eval_transform",
     "make_collate_fn",
+    "preprocessing_of",
     "train_transform",
+    "transform_from_preprocessing",
     "DEFAULT_MIN_SIZE",
     "IMAGE_EXTENSIONS",
     "LOADERS",

@@ -7,10 +7,11 @@ Seeding: use ``accelerate.utils.set_seed`` (not re-implemented here).
 from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .checks import check_finite
 from .dataloader import build_train_dataloader
-from .evaluation import evaluate_retrieval, format_metrics
+from .evaluation import evaluate_frozen_backbone, evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler, freeze_unused_backbone_parameters
 from .row_sparse import RowSparseAdamW, clip_grad_norm_, clip_gradients
 from .step import StepOutput, find_tuner, training_step
+from .summary import card_kwargs, format_run_summary
 
 __all__ = [
     "PROXY_LR_FACTOR",
@@ -19,13 +20,16 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "build_train_dataloader",
+    "card_kwargs",
     "check_finite",
     "clip_grad_norm_",
+    "evaluate_frozen_backbone",
     "clip_gradients",
     "evaluate_retrieval",
     "find_tuner",
     "format_metrics",
     "freeze_unused_backbone_parameters",
+    "format_run_summary",
     "list_checkpoints",
     "load_checkpoint",
     "resolve_checkpoint",
