@@ -41,10 +41,12 @@ import prompt_peft
 from prompt_peft.hub import RetrievalResult, push_adapter_to_hub
 from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
+    VALIDATION,
     SeededRows,
     eval_transform,
     load_retrieval_dataset,
     make_collate_fn,
+    protocol_splits,
     train_transform,
     with_rgb_images,
 )
@@ -85,6 +87,20 @@ class DataArguments:
     eval_batch_size: int = field(default=64)
     num_workers: int = field(default=2)
     check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
+    val_classes: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold this fraction of the training classes out as a class-disjoint validation split (seeded "
+            "by --val_seed): every evaluation during training uses it, the test split is evaluated once at the end."
+        },
+    )
+    val_seed: int = field(default=0, metadata={"help": "Seed of the validation classes and of the image caps."})
+    eval_images_per_class: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate on at most this many images per class (validation and test)."}
+    )
+    eval_test: bool = field(
+        default=True, metadata={"help": "With --val_classes: also evaluate the test split at the end."}
+    )
 
 
 @dataclass
@@ -186,13 +202,21 @@ def run(argv=None):
 
     # ---- data
     splits = load_retrieval_dataset(data_args.dataset, data_args.data_root, check_counts=data_args.check_counts)
+    splits = protocol_splits(
+        splits,
+        val_classes=data_args.val_classes,
+        val_seed=data_args.val_seed,
+        eval_images_per_class=data_args.eval_images_per_class,
+    )
     train_labels, label_map = contiguous_labels(splits["train"])
     splits = with_rgb_images(splits)  # decode with clear errors, always RGB
     train_split = SeededRows(splits["train"], seed=train_args.seed)  # augmentation fixed by (seed, epoch, index)
     processor = AutoImageProcessor.from_pretrained(model_args.backbone)
     train_collate = make_collate_fn(train_transform(processor, data_args.image_size), label_map=label_map)
     eval_collate = make_collate_fn(eval_transform(processor, data_args.image_size))
-    eval_splits = {k: v for k, v in splits.items() if k != "train"}
+    eval_splits = {k: v for k, v in splits.items() if k not in ("train", VALIDATION)}
+    # every evaluation during training (and any selection) reads the validation classes when there are some
+    select_splits = {"test": splits[VALIDATION]} if VALIDATION in splits else eval_splits
     loader, sampler = build_train_dataloader(
         train_split,
         train_labels,
@@ -306,7 +330,7 @@ def run(argv=None):
             eval_start = time.time()
             metrics, embedded = evaluate_retrieval(
                 model,
-                eval_splits,
+                select_splits,
                 eval_collate,
                 accelerator=accelerator,
                 batch_size=data_args.eval_batch_size,
@@ -317,10 +341,29 @@ def run(argv=None):
             all_evals_seconds += eval_seconds
             history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
             logger.info(format_metrics(metrics, prefix=f"epoch {epoch + 1} step {step}"))
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            tag = "validation" if VALIDATION in splits else "eval"
+            accelerator.log({f"{tag}/{k}": v for k, v in metrics.items()}, step=step)
         if step >= total_steps:
             break
     progress.close()
+    validation_metrics = None
+    if VALIDATION in splits:  # the test classes, once, after every choice was made on the validation classes
+        validation_metrics, metrics, embedded = metrics, None, None
+        if data_args.eval_test:
+            eval_start = time.time()
+            metrics, embedded = evaluate_retrieval(
+                model,
+                eval_splits,
+                eval_collate,
+                accelerator=accelerator,
+                batch_size=data_args.eval_batch_size,
+                num_workers=data_args.num_workers,
+                return_embeddings=True,
+            )
+            eval_seconds = time.time() - eval_start
+            all_evals_seconds += eval_seconds
+            logger.info(format_metrics(metrics, prefix="test"))
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
 
     # ---- save (last-epoch numbers; nothing is selected on the test split)
     accelerator.wait_for_everyone()
@@ -339,6 +382,8 @@ def run(argv=None):
         "steps": step,
         "train_seconds": round(time.time() - start_time - all_evals_seconds, 1),
         "final_metrics": metrics,
+        "validation_metrics": validation_metrics,
+        "validation_classes": data_args.val_classes,
         "eval_images": sum(len(split) for split in eval_splits.values()),
         "eval_seconds": round(eval_seconds, 3) if eval_seconds is not None else None,
         "parameters": parameters,

@@ -80,6 +80,38 @@ def test_activation_checkpointing_trains_the_same_adapter(workspace, tmp_path, m
         torch.testing.assert_close(runs[True][name], runs[False][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_validation_classes_for_every_evaluation_and_the_test_classes_once(workspace, tmp_path, monkeypatch):
+    """--val_classes: periodic evaluations see only held-out training classes, the test split is embedded once."""
+    script = load_script()
+    seen = []  # (class names of the evaluated split) per evaluation
+
+    def spy(model, splits, *a, **k):
+        names = splits["test"].features["label"].names
+        seen.append(frozenset(names[i] for i in splits["test"].with_format(None)["label"]))
+        return evaluate_retrieval(model, splits, *a, **k)
+
+    evaluate_retrieval = script.evaluate_retrieval
+    monkeypatch.setattr(script, "evaluate_retrieval", spy)
+    summary = script.main(args(workspace, tmp_path / "a", "--num_epochs", "2", "--eval_every_epochs", "1",
+                               "--val_classes", "0.5", "--val_seed", "1"))
+    splits = script.load_retrieval_dataset("imagefolder", workspace / "images", check_counts=False)
+    names = splits["train"].features["label"].names
+    train = {names[i] for i in splits["train"]["label"]}
+    test = {names[i] for i in splits["test"]["label"]}
+    assert len(seen) == 3 and seen[0] == seen[1] and seen[2] == test  # 2 validation passes, then the test once
+    assert len(seen[0]) == 2 and seen[0] < train  # half of the 4 training classes
+    assert summary["validation_metrics"] == {k: v for k, v in summary["history"]["eval"][-1].items()
+                                             if k not in ("epoch", "step")}
+    assert summary["final_metrics"] is not None and summary["validation_classes"] == 0.5
+    config = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert config["num_classes"] == 2  # proxies only for the classes trained on
+    seen.clear()
+    summary = script.main(args(workspace, tmp_path / "b", "--max_steps", "1", "--eval_every_epochs", "0",
+                               "--val_classes", "0.5", "--val_seed", "1", "--eval_test", "false"))
+    assert summary["final_metrics"] is None and summary["validation_metrics"] is not None
+    assert len(seen) == 1 and seen[0] < train  # a selection run never touches the test classes
+
+
 def test_yaml_config_with_cli_override(workspace, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("num_epochs: 5\nmax_steps: 2\nmethod_kwargs:\n  num_prompts: 3\n  deep: false\n")

@@ -1,5 +1,6 @@
 """Data loading for retrieval: benchmark layouts, image folders and Hub data sets as class-disjoint
-`datasets.DatasetDict`s, plus safe RGB decoding and a bad-image scan."""
+`datasets.DatasetDict`s, plus safe RGB decoding, a bad-image scan, and class-aware subsets (a validation split
+held out of the training classes, a cap on images per class)."""
 
 from .datasets import (
     IMAGE_EXTENSIONS,
@@ -20,6 +21,7 @@ from .datasets import (
     with_rgb_images,
 )
 from .samplers import MPerClassBatchSampler
+from .subsets import VALIDATION, hold_out_classes, limit_images_per_class, protocol_splits
 from .transforms import SeededRows, eval_transform, make_collate_fn, train_transform
 from .images import (
     DEFAULT_MIN_SIZE,
@@ -34,6 +36,10 @@ from .images import (
 
 __all__ = [
     "MPerClassBatchSampler",
+    "VALIDATION",
+    "hold_out_classes",
+    "limit_images_per_class",
+    "protocol_splits",
     "SeededRows",
     "eval_transform",
     "make_collate_fn",
