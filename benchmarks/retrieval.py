@@ -169,12 +169,7 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
     out = Path(args.work_dir) / args.preset / result_path.stem
     out.mkdir(parents=True, exist_ok=True)
     command = train_command(args, row, seed, out) if row.method else eval_command(args, out)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(out / "log.txt", "a") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    if code != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {code}); see {out / 'log.txt'}")
-    raw = json.loads((out / "results.json").read_text())
+    raw = run_logged(command, out, f"{name} seed {seed}")
     if row.method:
         metrics, params = raw["final_metrics"], raw["parameters"]
         train_seconds, eval_images, eval_seconds = raw["train_seconds"], raw["eval_images"], raw["eval_seconds"]
@@ -200,11 +195,27 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
         # the command with the machine's paths made relative, so the record is portable
         "command": " ".join(shlex.quote(portable(c)) for c in command),
     }
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(result_path)  # atomic: a half-written file never counts as done
+    write_record(result_path, result)
     return result
+
+
+def run_logged(command: list[str], out: Path, what: str) -> dict:
+    """Run one script in a child process from the checkout, appending its output to ``<out>/log.txt``; returns
+    the ``results.json`` it wrote. A non-zero exit raises, naming the log."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(out / "log.txt", "a") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit {code}); see {out / 'log.txt'}")
+    return json.loads((out / "results.json").read_text())
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a run record atomically: a half-written file never counts as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from transformers import AutoImageProcessor, AutoModel
 
 import prompt_peft
-from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, with_rgb_images
+from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, protocol_splits, with_rgb_images
 from prompt_peft.training import evaluate_retrieval
 
 NAMES = {
@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, help="evaluation resolution (default: the processor's)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument(
+        "--eval_images_per_class", type=int, help="at most this many images per class (seeded by --val_seed)"
+    )
+    parser.add_argument("--val_seed", type=int, default=0, help="seed of the per-class image cap")
     parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
     parser.add_argument("--output", default="eval_results.json", help="where to write the metrics as JSON")
     args = parser.parse_args(argv)
@@ -70,6 +74,7 @@ def main(argv=None) -> dict:
     model.to(accelerator.device)
     processor = AutoImageProcessor.from_pretrained(processor_source)
     splits = load_retrieval_dataset(args.dataset, args.data_root, check_counts=not args.no_check_counts)
+    splits = protocol_splits(splits, val_seed=args.val_seed, eval_images_per_class=args.eval_images_per_class)
     eval_splits = {k: v for k, v in with_rgb_images(splits).items() if k != "train"}
 
     start = time.time()
