@@ -98,6 +98,7 @@ class Space:
     lr_key: str = "learning_rate"  # "backbone_lr" for full fine-tuning
     length_key: str | None = None  # a method_kwargs key (prompt length, LoRA rank), if the method has one
     lengths: tuple = ()  # alternatives to the row's own value, tried in stage 3
+    train_args: tuple = ()  # (key, value) pairs over the protocol's, e.g. a method's official batch shape
 
 
 SPACES = {
@@ -106,8 +107,11 @@ SPACES = {
     "vpt_shallow": Space(1e-3, length_key="num_prompts", lengths=(5, 30)),
     "vpt_deep": Space(1e-3, length_key="num_prompts", lengths=(5, 30)),
     "ship": Space(1e-3, length_key="level_prompt_tokens", lengths=(5, 20)),
-    "semantic_proxy": Space(1e-3, length_key="num_prompts", lengths=(5, 30)),
-    "semantic_proxy_bitfit": Space(1e-3, length_key="num_prompts", lengths=(5, 30)),
+    # the released code's batches hold 32 classes (its semantic proxies fold in every class of a batch)
+    "semantic_proxy": Space(1e-3, length_key="num_prompts", lengths=(5, 30), train_args=(("m_per_class", 1),)),
+    "semantic_proxy_bitfit": Space(
+        1e-3, length_key="num_prompts", lengths=(5, 30), train_args=(("m_per_class", 1),)
+    ),
     "frpt": Space(1e-3),
 }
 
@@ -145,6 +149,7 @@ def train_command(args, name: str, values: dict, seed: int, out: Path, *, eval_t
         **PROTOCOL,
         **{k: v for k, v in preset.items() if k != "base_steps" and v is not None},
         **row.train_args,
+        **dict(space.train_args),
         space.lr_key: values[space.lr_key],
         "max_steps": values["steps"],
         "num_epochs": 10**6,  # max_steps decides
@@ -187,7 +192,7 @@ def frozen_command(args, out: Path) -> list[str]:
 
 def trial_name(values: dict) -> str:
     """A file name that spells the values, e.g. ``learning_rate=0.001_steps=100_num_prompts=10``."""
-    return "_".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items())
+    return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
 def run_trial(args, name: str, values: dict, stage: str) -> dict:
@@ -266,7 +271,9 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         "label": label(name),
         "seed": seed,
         "preset": args.preset,
-        "settings": {**PRESETS[args.preset], **PROTOCOL, **ROWS[name].train_args},
+        "settings": {**PRESETS[args.preset], **PROTOCOL, **ROWS[name].train_args, **dict(SPACES[name].train_args)}
+        if name in SPACES
+        else {**PRESETS[args.preset]},
         "chosen": chosen,
         "search_trials": trials,
         "select_metric": args.select_metric,

@@ -59,6 +59,7 @@ from prompt_peft.training import (
     evaluate_retrieval,
     format_metrics,
     load_checkpoint,
+    proxy_diagnostics,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -303,7 +304,8 @@ def run(argv=None):
             # RNG bookkeeping, and prefetching or iterator creation cannot shift the random stream.
             torch.manual_seed(hash((train_args.seed, epoch, micro_step, accelerator.process_index)) % 2**62)
             with accelerator.accumulate(model):
-                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                output = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+                loss = output.loss
                 mean_loss = accelerator.gather(loss.detach()).mean()  # the same value on every process
                 check_finite(mean_loss, step + 1, checkpoint_dir=_latest(checkpoints_dir))
                 accelerator.backward(loss)
@@ -318,7 +320,10 @@ def run(argv=None):
             history["loss"].append([step, mean_loss.item()])
             progress.update(1)
             progress.set_postfix(loss=f"{history['loss'][-1][1]:.4f}", epoch=epoch)
-            accelerator.log({"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            diagnostics = proxy_diagnostics(accelerator.unwrap_model(model), output.embeddings, batch["labels"])
+            accelerator.log(
+                {"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0], **diagnostics}, step=step
+            )
             if train_args.checkpointing_steps and step % train_args.checkpointing_steps == 0:
                 save_checkpoint(
                     accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.keep_checkpoints

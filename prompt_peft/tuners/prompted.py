@@ -340,8 +340,13 @@ class EmbeddingHead(nn.Module, PromptedLayer):
     def loss(self, adapter: str, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         config = self.head_config[adapter]
         return proxy_anchor_loss(
-            embeddings, labels, self.proxies[adapter], margin=config.proxy_margin, alpha=config.proxy_alpha
+            embeddings, labels, self.loss_proxies(adapter), margin=config.proxy_margin, alpha=config.proxy_alpha
         )
+
+    def loss_proxies(self, adapter: str) -> Optional[torch.Tensor]:
+        """The ``(C, E)`` proxies the loss compares the embeddings with, as they are now (None without classes);
+        read by :func:`prompt_peft.training.proxy_diagnostics` too."""
+        return self.proxies[adapter] if adapter in self.proxies else None
 
     def take_embeddings(self) -> Optional[torch.Tensor]:
         embeddings, self._embeddings = self._embeddings, None

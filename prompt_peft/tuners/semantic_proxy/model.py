@@ -260,15 +260,25 @@ class SemanticProxyHead(EmbeddingHead):
             # Under DDP every process folds in the whole global batch, so the tables stay identical everywhere.
             all_labels = gather_across_processes(labels.to(candidates.device))
             semantic = self.update_semantic_proxies(adapter, gather_across_processes(candidates), all_labels)
-        proxies = mix_proxies(self.proxies[adapter], semantic, config.proxy_bias_ratio)
         return proxy_anchor_loss(
             embeddings,
             labels,
-            proxies,
+            self.loss_proxies(adapter, semantic),
             margin=config.proxy_margin,
             alpha=config.proxy_alpha,
             positive_normalisation=config.positive_normalisation,
         )
+
+    def loss_proxies(self, adapter: str, semantic: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The mixed proxies (Eq. 8) ``proxy_bias_ratio · proxy_bias + (1 - ratio) · semantic``, minus their mean
+        over classes when ``center_proxies``; ``semantic`` defaults to the stored running proxies."""
+        if adapter not in self.proxies:
+            return None
+        config: SemanticProxyVPTConfig = self.head_config[adapter]
+        semantic = self.vptsp_semantic_proxies[adapter] if semantic is None else semantic
+        proxies = mix_proxies(self.proxies[adapter], semantic, config.proxy_bias_ratio)
+        # the class-independent part carries no class information; only the negative term would act on it
+        return proxies - proxies.mean(dim=0, keepdim=True) if config.center_proxies else proxies
 
     def update_semantic_proxies(self, adapter: str, candidates: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Fold the batch's candidates into the running proxies; returns the new table (in the graph of this step)
