@@ -7,19 +7,21 @@
 Prints R@1/2/4/8, MAP@R and R-Precision (percent) and writes them as JSON. The held-out split is searched
 against itself with each query excluded (or In-Shop's query split against its gallery). Images get the
 backbone's own preprocessing, at ``--image_size`` if given. Runs on several processes with
-``accelerate launch``.
+``accelerate launch``. Arguments are a dataclass, as in train_dml.py (``--help`` lists them).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
 from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, protocol_splits, with_rgb_images
@@ -35,23 +37,31 @@ NAMES = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--backbone", help="Hub id or path of the backbone (default: the adapter's base model)")
-    parser.add_argument("--adapter", help="prompt_peft adapter: local folder or Hub id (omit for the frozen backbone)")
-    parser.add_argument("--revision", help="revision of the adapter repo")
-    parser.add_argument("--dataset", default="flowers102")
-    parser.add_argument("--data_root")
-    parser.add_argument("--image_size", type=int, help="evaluation resolution (default: the processor's)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument(
-        "--eval_images_per_class", type=int, help="at most this many images per class (seeded by --val_seed)"
+@dataclass
+class EvalArguments:
+    backbone: Optional[str] = field(
+        default=None, metadata={"help": "Hub id or path of the backbone (default: the adapter's base model)."}
     )
-    parser.add_argument("--val_seed", type=int, default=0, help="seed of the per-class image cap")
-    parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
-    parser.add_argument("--output", default="eval_results.json", help="where to write the metrics as JSON")
-    args = parser.parse_args(argv)
+    adapter: Optional[str] = field(
+        default=None, metadata={"help": "prompt_peft adapter: local folder or Hub id (omit for the frozen backbone)."}
+    )
+    revision: Optional[str] = field(default=None, metadata={"help": "Revision of the adapter repo."})
+    dataset: str = field(default="flowers102", metadata={"help": "Loader name, directory, Hub id or parquet."})
+    data_root: Optional[str] = field(default=None, metadata={"help": "Directory (or Hub id) of the data set."})
+    image_size: Optional[int] = field(default=None, metadata={"help": "Evaluation resolution (default: native)."})
+    batch_size: int = field(default=64)
+    num_workers: int = field(default=2)
+    check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
+    eval_images_per_class: Optional[int] = field(
+        default=None, metadata={"help": "At most this many images per class (seeded by --val_seed)."}
+    )
+    val_seed: int = field(default=0, metadata={"help": "Seed of the per-class image cap."})
+    output: str = field(default="eval_results.json", metadata={"help": "Where to write the metrics as JSON."})
+
+
+def parse_args(argv=None) -> EvalArguments:
+    parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n")[1])
+    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     if not args.backbone and not args.adapter:
         parser.error("give --backbone, --adapter, or both")
     return args
@@ -73,7 +83,7 @@ def main(argv=None) -> dict:
         processor_source = args.backbone
     model.to(accelerator.device)
     processor = AutoImageProcessor.from_pretrained(processor_source)
-    splits = load_retrieval_dataset(args.dataset, args.data_root, check_counts=not args.no_check_counts)
+    splits = load_retrieval_dataset(args.dataset, args.data_root, check_counts=args.check_counts)
     splits = protocol_splits(splits, val_seed=args.val_seed, eval_images_per_class=args.eval_images_per_class)
     eval_splits = {k: v for k, v in with_rgb_images(splits).items() if k != "train"}
 

@@ -43,6 +43,7 @@ from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_cu
 from prompt_peft.data import (
     VALIDATION,
     SeededRows,
+    contiguous_labels,
     eval_transform,
     load_retrieval_dataset,
     make_collate_fn,
@@ -50,18 +51,19 @@ from prompt_peft.data import (
     train_transform,
     with_rgb_images,
 )
-from prompt_peft.training import clip_grad_norm_ as sparse_aware_clip_grad_norm_
 from prompt_peft.training import (
     build_optimizer,
     build_scheduler,
     build_train_dataloader,
     check_finite,
+    clip_gradients,
     evaluate_retrieval,
     format_metrics,
     load_checkpoint,
     proxy_diagnostics,
     resolve_checkpoint,
     save_checkpoint,
+    training_step,
 )
 
 logger = logging.getLogger("train_dml")
@@ -159,23 +161,17 @@ def parse_args(argv=None):
 
 
 def build_model(model_args: ModelArguments, num_classes: int):
-    if model_args.method not in prompt_peft.METHODS:
-        raise SystemExit(f"--method must be one of {sorted(prompt_peft.METHODS)}, got {model_args.method!r}")
-    config_cls = prompt_peft.METHODS[model_args.method][0]
-    kwargs = json.loads(model_args.method_kwargs)
-    config = config_cls(embedding_dim=model_args.embedding_dim, num_classes=num_classes, **kwargs)
+    try:
+        config = prompt_peft.method_config(
+            model_args.method, model_args.method_kwargs, embedding_dim=model_args.embedding_dim, num_classes=num_classes
+        )
+    except ValueError as error:
+        raise SystemExit(f"--method / --method_kwargs: {error}") from None
     backbone = AutoModel.from_pretrained(model_args.backbone)
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card
         model.peft_config["default"].base_model_name_or_path = model_args.base_model_hub_id
     return model
-
-
-def contiguous_labels(split) -> tuple[torch.Tensor, dict[int, int]]:
-    """Train labels as 0..C-1 (proxies are indexed by class); the data set's ClassLabels may not be."""
-    original = np.asarray(split.with_format("numpy")["label"]).tolist()  # label column only, no decoding
-    mapping = {label: i for i, label in enumerate(sorted(set(original)))}
-    return torch.tensor([mapping[label] for label in original]), mapping
 
 
 def main(argv=None) -> dict:
@@ -231,32 +227,23 @@ def run(argv=None):
 
     # ---- model, optimiser, schedule
     model = build_model(model_args, num_classes=len(label_map))
-    if hasattr(model.base_model, "fit_hierarchy"):
-        # SHIP: semantic levels and attribute prototypes from the frozen backbone, before the prompts exist in
-        # the optimiser. Every process reads the same unsharded, unshuffled train split: identical levels.
-        fit_loader = DataLoader(
-            splits["train"],
-            batch_size=data_args.eval_batch_size,
-            collate_fn=eval_collate,
-            num_workers=data_args.num_workers,
-        )
-        hierarchy = model.base_model.fit_hierarchy(fit_loader)
-        logger.info("semantic levels %s", model.peft_config["default"].levels)
-        del hierarchy
+    # Data-dependent state from the frozen backbone (SHIP's levels), before the optimiser exists. Every process
+    # reads the same unsharded, unshuffled train split; methods without such state never iterate the loader.
+    fit_loader = DataLoader(
+        splits["train"], batch_size=data_args.eval_batch_size, collate_fn=eval_collate, num_workers=data_args.num_workers
+    )
+    fitted = model.base_model.fit_to_data(fit_loader)
+    if fitted:
+        logger.info(fitted)
     if train_args.activation_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = build_optimizer(
-        model, lr=train_args.learning_rate, proxy_lr=train_args.proxy_lr, weight_decay=train_args.weight_decay
+        model,
+        lr=train_args.learning_rate,
+        proxy_lr=train_args.proxy_lr,
+        weight_decay=train_args.weight_decay,
+        backbone_lr=train_args.backbone_lr,
     )
-    if train_args.backbone_lr:
-        prefix = model.base_model.prefix  # adapter parameters carry it in their names
-        backbone_params = [p for n, p in model.base_model.model.named_parameters() if prefix not in n]
-        for p in backbone_params:
-            p.requires_grad_(True)
-        optimizer.add_param_group(
-            {"params": backbone_params, "lr": train_args.backbone_lr, "weight_decay": train_args.weight_decay,
-             "name": "backbone"}
-        )
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     steps_per_epoch = math.ceil(len(loader) / train_args.gradient_accumulation_steps)
@@ -304,7 +291,7 @@ def run(argv=None):
             # RNG bookkeeping, and prefetching or iterator creation cannot shift the random stream.
             torch.manual_seed(hash((train_args.seed, epoch, micro_step, accelerator.process_index)) % 2**62)
             with accelerator.accumulate(model):
-                output = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+                output = training_step(model, batch["pixel_values"], batch["labels"])
                 loss = output.loss
                 mean_loss = accelerator.gather(loss.detach()).mean()  # the same value on every process
                 check_finite(mean_loss, step + 1, checkpoint_dir=_latest(checkpoints_dir))
@@ -320,7 +307,7 @@ def run(argv=None):
             history["loss"].append([step, mean_loss.item()])
             progress.update(1)
             progress.set_postfix(loss=f"{history['loss'][-1][1]:.4f}", epoch=epoch)
-            diagnostics = proxy_diagnostics(accelerator.unwrap_model(model), output.embeddings, batch["labels"])
+            diagnostics = proxy_diagnostics(model, output.inputs.embeddings, output.inputs.labels)
             accelerator.log(
                 {"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0], **diagnostics}, step=step
             )
@@ -375,7 +362,7 @@ def run(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     parameters = unwrapped.base_model.get_parameter_counts()
     if train_args.backbone_lr:  # the fine-tuned backbone is part of what is trained, stored and run
-        backbone_size = sum(p.numel() for p in unwrapped.get_base_model().parameters()) - parameters["stored"]
+        backbone_size = unwrapped.base_model.backbone_parameter_count()
         parameters = {k: v + backbone_size for k, v in parameters.items()}
     summary = {
         "method": model_args.method,
@@ -400,24 +387,12 @@ def run(argv=None):
             copy.deepcopy(unwrapped).unload().save_pretrained(output_dir / "backbone")
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         figures = save_figures(output_dir, history, eval_splits, embedded)
-        if hasattr(unwrapped.base_model, "resample_images"):  # a pixel-space prompt (FRPT): show what it zooms into
-            figures.update(save_resampled(output_dir, unwrapped, eval_splits, eval_collate, processor))
+        figures.update(save_transformed_inputs(output_dir, unwrapped, eval_splits, eval_collate, processor))
         logger.info("adapter saved to %s", output_dir / "adapter")
         if train_args.push_to_hub:
             publish(unwrapped, model_args, data_args, train_args, summary, figures)
     accelerator.end_training()
     return summary, unwrapped
-
-
-def clip_gradients(accelerator, model, max_norm: float) -> None:
-    """accelerate's clipping, or, when a gradient is sparse (VPTSP-G's class prompts, which torch's
-    ``clip_grad_norm_`` rejects), unscale (mixed precision) and clip with the sparse-aware version."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if any(p.grad.is_sparse for p in params):
-        accelerator.unscale_gradients()
-        sparse_aware_clip_grad_norm_(params, max_norm)
-    else:
-        accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _latest(checkpoints_dir: Path) -> Optional[Path]:
@@ -441,17 +416,17 @@ def save_figures(output_dir: Path, history: dict, eval_splits, embedded) -> dict
     return figures
 
 
-def save_resampled(output_dir: Path, model, eval_splits, collate, processor, count: int = 8) -> dict[str, Path]:
-    """A PNG of ``count`` evaluation images (top row) and the re-sampled images the backbone saw (bottom row)."""
+def save_transformed_inputs(output_dir: Path, model, eval_splits, collate, processor, count: int = 8):
+    """For a method that transforms the input images (FRPT), a PNG of ``count`` evaluation images (top row) and
+    what the backbone saw (bottom row); nothing for the others."""
     split = eval_splits.get("test") or next(iter(eval_splits.values()), None)
     if split is None or len(split) == 0:
         return {}
     rows = np.linspace(0, len(split) - 1, num=min(count, len(split)), dtype=int).tolist()
     pixels = collate([split[i] for i in rows])["pixel_values"]
-    was_training = model.training
-    model.eval()
-    resampled = model.base_model.resample_images(pixels)
-    model.train(was_training)
+    resampled = model.base_model.transformed_inputs(pixels)
+    if resampled is None:
+        return {}
     mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
     std = getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)
     path = output_dir / "resampled_images.png"

@@ -10,6 +10,7 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 
 from .backbones import SUPPORTED_MODELS, BackboneSpec
 from .loading import from_pretrained
+from .methods import METHODS, build_peft_model, method_config
 from .registry import register_method
 from .tuners.frpt import FRPTConfig, FRPTModel
 from .tuners.semantic_proxy import SemanticProxyVPTConfig, SemanticProxyVPTModel
@@ -18,14 +19,6 @@ from .tuners.vpt import VPTConfig, VPTModel
 
 __version__ = "0.1.0"
 
-# method name (as examples/train_dml.py --method takes it) -> (config, tuner); registration makes them real peft
-# methods under the tuner's prefix (PeftType.VPT, ..., "semantic_proxy" -> PeftType.VPTSP with prefix "vptsp_").
-METHODS = {
-    "vpt": (VPTConfig, VPTModel),
-    "ship": (SHIPConfig, SHIPModel),
-    "frpt": (FRPTConfig, FRPTModel),
-    "semantic_proxy": (SemanticProxyVPTConfig, SemanticProxyVPTModel),
-}
 for _config_cls, _model_cls in METHODS.values():
     register_method(_model_cls.prefix.removesuffix("_"), _config_cls, _model_cls)
 
@@ -41,6 +34,8 @@ __all__ = [
     "SUPPORTED_MODELS",
     "VPTConfig",
     "VPTModel",
+    "build_peft_model",
     "from_pretrained",
+    "method_config",
     "__version__",
 ]

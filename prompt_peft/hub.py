@@ -10,7 +10,7 @@ Two entry points, both generic over any ``peft.PeftModel`` (LoRA or a prompt_pef
     The body has a usage snippet, a results table, parameter counts and optional figures.
 
 ``push_adapter_to_hub(peft_model, "org/name", base_model_id="google/vit-base-patch16-224", results=..., ...)``
-    The recommended push flow (integration.md §4, §6). ``PeftModel.push_to_hub`` is not used because it replaces
+    The recommended push flow. ``PeftModel.push_to_hub`` is not used because it replaces
     PEFT's card with a generic transformers card (``library_name: transformers``, no ``base_model``). Instead::
 
         peft_model.save_pretrained(tmp, save_embedding_layers=False)   # no network during save

@@ -1,4 +1,9 @@
-"""Metric-learning losses shared by the prompt_peft methods.
+"""Metric-learning losses shared by the prompt_peft methods, as small composable objects.
+
+A loss object is called as ``loss(inputs, head, adapter)``: ``inputs`` is a :class:`LossInputs` (the values one
+training step produced, possibly gathered over processes), ``head`` the embedding head whose per-adapter tensors
+(proxies, classifier) the loss reads. Each method's head builds its default loss from the config; any other loss
+object can replace it with ``model.base_model.set_loss(loss)``, without subclassing a head.
 
 pytorch-metric-learning computes the same Proxy-Anchor loss, but it is not a dependency of the package and
 it owns its proxies; here the proxies are adapter parameters, so the loss is a pure function of
@@ -7,8 +12,111 @@ it owns its proxies; here the proxies are adapter parameters, so the loss is a p
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Optional, Sequence
+
 import torch
 import torch.nn.functional as F
+
+__all__ = [
+    "ClassifierCrossEntropy",
+    "LossInputs",
+    "ProxyAnchorLoss",
+    "WeightedSum",
+    "proxy_anchor_loss",
+]
+
+
+@dataclass
+class LossInputs:
+    """What a loss needs from one training step, as values (never read back from modules).
+
+    Attributes:
+        embeddings: ``(B, E)`` L2-normalised embeddings of the sample branch.
+        labels: ``(B,)`` class ids of ``embeddings``.
+        features: ``(B, D)`` pooled features, for a loss on them (FRPT's classifier), or None.
+        candidates: ``(B', E)`` outputs of a proxy branch (VPTSP-G's semantic candidates), or None.
+        candidate_labels: ``(B',)`` class ids of ``candidates``.
+        auxiliary: the sum of the blocks' auxiliary loss terms (SHIP's prompt matching loss), or None; added to
+            the loss as it is (it is already a mean over the local batch).
+    """
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    features: Optional[torch.Tensor] = None
+    candidates: Optional[torch.Tensor] = None
+    candidate_labels: Optional[torch.Tensor] = None
+    auxiliary: Optional[torch.Tensor] = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], names: Sequence[str]) -> "LossInputs":
+        """A copy with ``fn`` applied to the named fields that are set (e.g. a gather over processes)."""
+        return replace(self, **{n: fn(getattr(self, n)) for n in names if getattr(self, n) is not None})
+
+    @classmethod
+    def batch_fields(cls) -> tuple[str, ...]:
+        """The fields with one row per sample (all but ``auxiliary``)."""
+        return tuple(f.name for f in fields(cls) if f.name != "auxiliary")
+
+
+@dataclass
+class ProxyAnchorLoss:
+    """Proxy-Anchor against the head's proxies (``head.proxies[adapter]``); see :func:`proxy_anchor_loss`."""
+
+    margin: float = 0.1
+    alpha: float = 32.0
+    positive_normalisation: str = "with_positives"
+
+    def __call__(self, inputs: LossInputs, head: Any, adapter: str) -> torch.Tensor:
+        return self.on_proxies(inputs, self.loss_proxies(head, adapter))
+
+    def loss_proxies(self, head: Any, adapter: str) -> torch.Tensor:
+        """The ``(C, E)`` proxies the loss compares embeddings with, as they are now (also read by
+        :func:`prompt_peft.training.proxy_diagnostics`)."""
+        return head.proxies[adapter]
+
+    def on_proxies(self, inputs: LossInputs, proxies: torch.Tensor) -> torch.Tensor:
+        return proxy_anchor_loss(
+            inputs.embeddings,
+            inputs.labels,
+            proxies,
+            margin=self.margin,
+            alpha=self.alpha,
+            positive_normalisation=self.positive_normalisation,
+        )
+
+
+@dataclass
+class ClassifierCrossEntropy:
+    """Cross-entropy of the head's classifier (``head.classifier[adapter]``) on the pooled ``features``."""
+
+    label_smoothing: float = 0.0
+
+    def __call__(self, inputs: LossInputs, head: Any, adapter: str) -> torch.Tensor:
+        if inputs.features is None:
+            raise ValueError("ClassifierCrossEntropy needs LossInputs.features; this head does not produce them")
+        logits = head.classifier[adapter](inputs.features)
+        return F.cross_entropy(logits, inputs.labels, label_smoothing=self.label_smoothing)
+
+
+@dataclass
+class WeightedSum:
+    """``sum_i weight_i * loss_i(inputs)``; terms with weight 0 are not computed."""
+
+    terms: Sequence[tuple[float, Callable[[LossInputs, Any, str], torch.Tensor]]]
+
+    def __call__(self, inputs: LossInputs, head: Any, adapter: str) -> torch.Tensor:
+        total = inputs.embeddings.new_zeros(())
+        for weight, loss in self.terms:
+            if weight:
+                total = total + weight * loss(inputs, head, adapter)
+        return total
+
+    def loss_proxies(self, head: Any, adapter: str) -> Optional[torch.Tensor]:
+        """The proxies of the first weighted term that has some (None if none has)."""
+        for weight, loss in self.terms:
+            if weight and hasattr(loss, "loss_proxies"):
+                return loss.loss_proxies(head, adapter)
+        return None
 
 
 def proxy_anchor_loss(

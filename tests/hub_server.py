@@ -1,8 +1,8 @@
 """A loopback fake of the Hugging Face Hub for offline tests (stdlib only), plus its pytest fixture.
 
 Why: ``push_to_hub`` / ``from_pretrained("org/name")`` must be tested without a network, and no installable
-package provides the upload half of the Hub API (integration.md §4.7). This module serves the smallest endpoint set
-that huggingface_hub 2.4 needs (integration.md §4.4) on ``127.0.0.1:<ephemeral port>``, so every client code path
+package provides the upload half of the Hub API. This module serves the smallest endpoint set
+that huggingface_hub 2.4 needs on ``127.0.0.1:<ephemeral port>``, so every client code path
 (``HfApi.create_repo``, ``upload_folder``/``create_commit``, LFS batch upload, ``hf_hub_download``,
 ``snapshot_download``, ``model_info``, ``ModelCard.load``, ``PreTrainedModel``/``PeftModel`` ``push_to_hub`` and
 ``from_pretrained``) stays real.
@@ -785,7 +785,7 @@ def fill_hf_cache(cache_dir, repo_id: str, src_dir, revision: str = "main", repo
                   commit: str | None = None) -> str:
     """Place the files of ``src_dir`` in a Hugging Face hub cache as if ``repo_id`` had been downloaded.
 
-    Layout (integration.md §5): ``<cache_dir>/<type>s--<org>--<name>/snapshots/<commit>/<files>`` plus
+    Layout: ``<cache_dir>/<type>s--<org>--<name>/snapshots/<commit>/<files>`` plus
     ``refs/<revision>`` holding the commit; plain files are enough (no ``blobs/`` symlinks). ``commit`` defaults to
     a sha1 over the folder's content, so refilling with the same files is idempotent. With ``HF_HUB_OFFLINE=1`` and
     ``HF_HUB_CACHE=cache_dir`` (set before huggingface_hub is imported), ``from_pretrained(repo_id)`` then resolves

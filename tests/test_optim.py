@@ -24,10 +24,21 @@ class TinyPromptModel(nn.Module):
         self.vpt_proxies = nn.ParameterDict({"default": nn.Parameter(torch.randn(5, 3))})
         self.prompt_scale = 1.0  # 0.0 gives the prompt an exactly-zero gradient
 
+    def roles(self) -> dict[int, str]:
+        """What prompt_peft layers declare for their parameters (see tuners.prompted.ROLES)."""
+        roles = {id(self.vpt_prompt["default"]): "prompt", id(self.vpt_proxies["default"]): "proxy"}
+        roles.update({id(p): "head" for m in (self.vpt_head_norm, self.vpt_head_proj) for p in m.parameters()})
+        return roles
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.backbone(x) + self.prompt_scale * self.vpt_prompt["default"].mean(1)
         e = self.vpt_head_proj(self.vpt_head_norm(h))
         return (e @ self.vpt_proxies["default"].T).logsumexp(1).mean()
+
+
+def tiny_optimizer(**kwargs) -> torch.optim.Optimizer:
+    model = TinyPromptModel()
+    return build_optimizer(model, roles=model.roles(), **kwargs)
 
 
 def groups_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
@@ -40,7 +51,7 @@ def ids(params) -> set[int]:
 
 def test_groups_hold_only_trainable_parameters_and_proxies_get_their_lr():
     model = TinyPromptModel()
-    optimizer = build_optimizer(model, lr=1e-3)
+    optimizer = build_optimizer(model, roles=model.roles(), lr=1e-3)
     groups = groups_by_name(optimizer)
     assert set(groups) == {"main", "proxy"}  # no decay asked: no no_decay split
     frozen = ids(model.backbone.parameters())
@@ -53,7 +64,7 @@ def test_groups_hold_only_trainable_parameters_and_proxies_get_their_lr():
 
 def test_weight_decay_spares_bias_norm_and_prompts():
     model = TinyPromptModel()
-    optimizer = build_optimizer(model, lr=1e-3, proxy_lr=0.05, weight_decay=0.1, proxy_weight_decay=0.01)
+    optimizer = build_optimizer(model, roles=model.roles(), lr=1e-3, proxy_lr=0.05, weight_decay=0.1, proxy_weight_decay=0.01)
     groups = groups_by_name(optimizer)
     assert ids(groups["main"]["params"]) == {id(model.vpt_head_proj.weight)}
     assert groups["main"]["weight_decay"] == 0.1
@@ -62,7 +73,7 @@ def test_weight_decay_spares_bias_norm_and_prompts():
     )
     assert groups["no_decay"]["weight_decay"] == 0.0
     assert (groups["proxy"]["lr"], groups["proxy"]["weight_decay"]) == (0.05, 0.01)
-    everything = groups_by_name(build_optimizer(model, lr=1e-3, weight_decay=0.1, decay_exempt=None))
+    everything = groups_by_name(build_optimizer(model, roles=model.roles(), lr=1e-3, weight_decay=0.1, decay_exempt_roles=None))
     assert set(everything) == {"main", "proxy"}
 
 
@@ -72,7 +83,7 @@ def test_decoupled_decay_would_move_a_prompt_with_zero_gradient():
         model = TinyPromptModel()
         model.prompt_scale = 0.0
         before = model.vpt_prompt["default"].detach().clone()
-        optimizer = build_optimizer(model, lr=0.1, weight_decay=0.5, decay_exempt=decay_exempt)
+        optimizer = build_optimizer(model, roles=model.roles(), lr=0.1, weight_decay=0.5, decay_exempt_roles=decay_exempt)
         model(torch.randn(3, 4)).backward()
         assert torch.count_nonzero(model.vpt_prompt["default"].grad) == 0
         optimizer.step()
@@ -84,7 +95,7 @@ def test_after_a_step_frozen_parameters_have_no_state_and_no_grad():
     model = TinyPromptModel()
     frozen_before = [p.detach().clone() for p in model.backbone.parameters()]
     proxies_before = model.vpt_proxies["default"].detach().clone()
-    optimizer = build_optimizer(model, lr=1e-2)
+    optimizer = build_optimizer(model, roles=model.roles(), lr=1e-2)
     model(torch.randn(3, 4)).backward()
     optimizer.step()
     for p, before in zip(model.backbone.parameters(), frozen_before):
@@ -97,9 +108,9 @@ def test_after_a_step_frozen_parameters_have_no_state_and_no_grad():
 def test_no_trainable_parameters_is_an_error():
     model = TinyPromptModel().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        build_optimizer(model, lr=1e-3)
+        build_optimizer(model, roles=model.roles(), lr=1e-3)
     with pytest.raises(ValueError, match="lr must be > 0"):
-        build_optimizer(TinyPromptModel(), lr=0.0)
+        tiny_optimizer(lr=0.0)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -112,7 +123,7 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     ("kwargs", "warmup"), [(dict(warmup_steps=4), 4), (dict(warmup_ratio=0.12), 3), ({}, 0)]
 )
 def test_scheduler_is_linear_warmup_then_cosine_to_zero(kwargs, warmup):
-    optimizer = build_optimizer(TinyPromptModel(), lr=0.1, proxy_lr=2.0)
+    optimizer = tiny_optimizer(lr=0.1, proxy_lr=2.0)
     scheduler = build_scheduler(optimizer, num_training_steps=20, **kwargs)
     for step in range(21):
         factor = cosine_with_warmup(step, warmup, 20)
@@ -125,7 +136,7 @@ def test_scheduler_is_linear_warmup_then_cosine_to_zero(kwargs, warmup):
 
 
 def test_scheduler_num_processes_stretches_the_schedule():
-    optimizer = build_optimizer(TinyPromptModel(), lr=0.1)
+    optimizer = tiny_optimizer(lr=0.1)
     scheduler = build_scheduler(optimizer, num_training_steps=10, warmup_steps=2, num_processes=3)
     for update in range(1, 11):
         optimizer.step()
@@ -146,7 +157,7 @@ def test_scheduler_num_processes_stretches_the_schedule():
     ],
 )
 def test_scheduler_rejects_bad_arguments(kwargs, message):
-    optimizer = build_optimizer(TinyPromptModel(), lr=0.1)
+    optimizer = tiny_optimizer(lr=0.1)
     with pytest.raises(ValueError, match=message):
         build_scheduler(optimizer, **kwargs)
 
@@ -162,3 +173,28 @@ def test_check_finite():
         check_finite(torch.tensor([1.0, float("-inf")]), step=3)
     with pytest.raises(FloatingPointError, match="nan at step 4"):
         check_finite(float("nan"), step=4)
+
+
+def test_groups_follow_the_roles_the_layers_declare_not_names():
+    """A real SemanticProxyVPT adapter: proxies, class-prompt tables and the rest land by role."""
+    from peft import get_peft_model
+    from tiny_models import tiny_model
+
+    import prompt_peft
+    from prompt_peft.tuners.prompted import parameter_roles
+
+    config = prompt_peft.SemanticProxyVPTConfig(num_prompts=2, num_class_prompts=1, num_classes=4, embedding_dim=8)
+    model = get_peft_model(tiny_model("ViTModel"), config)
+    roles = parameter_roles(model)
+    groups = groups_by_name(build_optimizer(model, lr=1e-3, weight_decay=0.1))
+    head = model.base_model.embedding_head()
+    assert ids(groups["proxy"]["params"]) == {id(head.proxies["default"])}
+    tables = {id(m.vptsp_class_prompt["default"].weight) for m in model.modules() if hasattr(m, "vptsp_class_prompt")
+              and "default" in m.vptsp_class_prompt}
+    assert tables and ids(groups["rows_no_decay"]["params"]) == tables
+    assert {roles[id(p)] for p in groups["main"]["params"]} <= {"head", "proxy_head"}
+    assert {roles[id(p)] for p in groups["no_decay"]["params"]} >= {"prompt", "bias_delta"}
+    # full fine-tuning: every parameter without a role joins the backbone group
+    backbone = groups_by_name(build_optimizer(model, lr=1e-3, backbone_lr=1e-5))["backbone"]
+    assert ids(backbone["params"]) == ids(model.get_base_model().parameters()) - set(roles)
+    assert backbone["lr"] == 1e-5 and all(p.requires_grad for p in backbone["params"])

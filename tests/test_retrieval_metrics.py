@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from prompt_peft.retrieval import EVALUATE_METRIC_PATH, evaluate_embeddings
 from prompt_peft.retrieval import metrics as metrics_module
-from prompt_peft.retrieval.index import default_chunk_size
+from prompt_peft.retrieval.knn import default_chunk_size
 
 pml_accuracy = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
 
@@ -278,13 +278,13 @@ def test_all_lone_gives_nan_like_pml():
 def test_searches_only_the_neighbours_the_metrics_need(monkeypatch, self_mode, expected):
     """SOP-like sizes (2..12 per class): k = max(max(ks), max R) = 11 (+1 for self inside the search)."""
     seen = []
-    original = metrics_module._knn_chunks
+    original = metrics_module.knn_chunks
 
     def spy(query, reference, k, **kwargs):
         seen.append((k, kwargs["exclude_self"]))
         return original(query, reference, k, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "_knn_chunks", spy)
+    monkeypatch.setattr(metrics_module, "knn_chunks", spy)
     rng = np.random.default_rng(9)
     sizes = rng.integers(2, 13, 40)
     sizes[0] = 12

@@ -37,7 +37,7 @@ def fitted(name, attn="sdpa", seed=0, **kw):
 
 
 def reference_attention(q, k, v, hidden, T, s, prompts_query):
-    """methods.md §2.5 written out: (B, H, N, d) projections -> (B, N, H, d)."""
+    """docs/methods.md, SHIP written out: (B, H, N, d) projections -> (B, N, H, d)."""
     scale = q.shape[-1] ** -0.5
     qv = q[:, :, :T]
     out_v = (1 - s) * torch.softmax(qv @ k[:, :, :T].transpose(-1, -2) * scale, -1) @ v[:, :, :T]

@@ -189,7 +189,7 @@ def test_two_process_ddp_ends_with_identical_replicas(workspace, tmp_path, metho
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
-    import prompt_peft.tuners.prompted as prompted
+    import prompt_peft.losses as prompted
 
     calls = {"n": 0}
     real_loss = prompted.proxy_anchor_loss

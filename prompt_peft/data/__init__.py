@@ -7,6 +7,7 @@ from .datasets import (
     LOADERS,
     OFFICIAL_COUNTS,
     DatasetCountError,
+    contiguous_labels,
     detect_layout,
     load_cars196,
     load_cub200,
@@ -35,6 +36,7 @@ from .images import (
 )
 
 __all__ = [
+    "contiguous_labels",
     "MPerClassBatchSampler",
     "VALIDATION",
     "hold_out_classes",

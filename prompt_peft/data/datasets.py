@@ -9,8 +9,8 @@ Every loader returns splits `train` / `test` (`train` / `query` / `gallery` for 
   `n_train_classes .. n_classes - 1`, so a label never means two classes in two splits. For CUB, Cars and
   Flowers, whose train classes are the first ones, the label is the official class id minus one.
 
-The retrieval protocol splits by class (zero-shot), not the classification splits the data sets ship with; see
-`shared/docs/evaluation.md` §1.1. Official image and class counts are checked by default
+The retrieval protocol splits by class (zero-shot), not the classification splits the data sets ship with, as in
+the deep-metric-learning literature (see docs/data.md). Official image and class counts are checked by default
 (`check_counts=True`), so a broken download fails loudly instead of shifting results.
 
 Every loader also takes these keyword options (see `load_retrieval_dataset`):
@@ -49,8 +49,8 @@ Counts = Mapping[str, tuple[int, int | None]]
 #: Image file name endings accepted by `load_imagefolder` (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-#: Official counts, `split -> (images, classes)`; "all" is the whole data set. Source: evaluation.md §1.1 and
-#: assets.md §2 (Flowers classes 1–51 / 52–102 counted on the provided copy). In-Shop's query and gallery
+#: Official counts, `split -> (images, classes)`; "all" is the whole data set. Source: the data sets' releases and
+#: docs/data.md (Flowers classes 1–51 / 52–102 counted on the provided copy). In-Shop's query and gallery
 #: class counts are not pinned separately: together they are the 3,985 test items, which "all" and "train"
 #: imply.
 OFFICIAL_COUNTS: dict[str, dict[str, tuple[int, int | None]]] = {
@@ -832,3 +832,15 @@ def with_rgb_images(
 ) -> Dataset | DatasetDict:
     """`ds` with `column` decoded on access by `load_rgb` (always RGB, clear errors), then `transform`."""
     return ds.cast_column(column, Image(decode=False)).with_transform(rgb_transform(transform, column))
+
+
+def contiguous_labels(split: Dataset, label_column: str = "label"):
+    """A split's labels as ``0..C-1`` (proxies and class prompts are indexed by class; a data set's ClassLabels
+    may not be contiguous): ``(labels (N,) int64 tensor, {original label: new label})``. Reads the label column
+    only, without decoding images."""
+    import numpy as np
+    import torch
+
+    original = np.asarray(split.with_format("numpy")[label_column]).tolist()
+    mapping = {label: i for i, label in enumerate(sorted(set(original)))}
+    return torch.tensor([mapping[label] for label in original]), mapping

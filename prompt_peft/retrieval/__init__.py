@@ -8,7 +8,8 @@ exact chunked kNN (faiss or torch), and a persistent faiss index for serving.
 from pathlib import Path
 
 from .extract import embed_dataset, pooled_features
-from .index import EmbeddingIndex, exact_knn
+from .index import EmbeddingIndex
+from .knn import exact_knn
 from .metrics import evaluate_embeddings
 
 # evaluate.load accepts the folder (named like its script) or the script itself.

@@ -34,9 +34,7 @@ def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
     embeddings = out.get("embeddings") if hasattr(out, "get") else None
     if embeddings is None:
         pooled = captured["pooled"]
-        embeddings = {"first_token": lambda t: t[:, 0], "mean": lambda t: t.mean(dim=1)}.get(spec.pool, lambda t: t)(
-            pooled
-        )
+        embeddings = spec.pooled(pooled)
     return F.normalize(embeddings.float(), dim=-1)
 
 

@@ -11,7 +11,7 @@ The numbers are defined exactly as pytorch-metric-learning's ``AccuracyCalculato
   gallery), are left out of every metric, Recall@K included. If every query is lone, all metrics are NaN.
 * Recall@K is the DML hit rate: the fraction of queries with at least one same-label item among the
   K nearest neighbours. Recall@1 equals pytorch-metric-learning's ``precision_at_1``.
-* Ties in similarity are ordered by ascending reference index (see :mod:`prompt_peft.retrieval.index`).
+* Ties in similarity are ordered by ascending reference index (see :mod:`prompt_peft.retrieval.knn`).
 
 Only ``max(max(ks), max R)`` neighbours are searched per query, in chunks of queries, so the
 memory needed is bounded by the chunk size rather than by ``N x N``.
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from .index import _check_dims, _knn_chunks, _pick_backend, as_embeddings, default_chunk_size, l2_normalize
+from .knn import as_embeddings, check_dims, default_chunk_size, knn_chunks, l2_normalize, pick_backend
 
 DEFAULT_KS = (1, 2, 4, 8)
 
@@ -125,7 +125,7 @@ def evaluate_embeddings(
     else:
         r = as_embeddings(reference, "reference").to(q.device)
         r_labels = _as_labels(reference_labels, len(r), "reference_labels")
-        _check_dims(q, r)
+        check_dims(q, r)
     candidates = len(r) - int(self_mode)
     if max(ks) > candidates:
         raise ValueError(
@@ -144,7 +144,7 @@ def evaluate_embeddings(
 
     # Only as many neighbours as the metrics look at: max K for Recall@K, max R for MAP@R.
     k = max(max(ks), int(relevant[not_lone].max()))
-    backend = _pick_backend(backend, q)
+    backend = pick_backend(backend, q)
     chunk = chunk_size or default_chunk_size(len(r))
     q = l2_normalize(q)
     r = q if self_mode else l2_normalize(r)
@@ -160,7 +160,7 @@ def evaluate_embeddings(
     hits = {kk: torch.zeros(n, dtype=torch.bool, device=device) for kk in ks}
     r_precision = torch.zeros(n, dtype=torch.float64, device=device)
     average_precision = torch.zeros(n, dtype=torch.float64, device=device)
-    for start, _, indices in _knn_chunks(q, r, k, exclude_self=self_mode, backend=backend, chunk_size=chunk):
+    for start, _, indices in knn_chunks(q, r, k, exclude_self=self_mode, backend=backend, chunk_size=chunk):
         rows = slice(start, start + len(indices))
         chunk_hits, r_precision[rows], average_precision[rows] = _chunk_scores(
             r_codes_t[indices], q_codes_t[rows], relevant_t[rows], ks

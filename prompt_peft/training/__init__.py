@@ -1,4 +1,4 @@
-"""Reusable training building blocks: class-balanced dataloader, optimiser groups, schedule, loss guard,
+"""Reusable training building blocks: the training step, class-balanced dataloader, optimiser groups, schedule, loss guard,
 crash-safe checkpoints, the retrieval evaluation loop and proxy diagnostics for the tracker.
 
 Seeding: use ``accelerate.utils.set_seed`` (not re-implemented here).
@@ -10,21 +10,26 @@ from .dataloader import build_train_dataloader
 from .diagnostics import proxy_diagnostics
 from .evaluation import evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler
-from .row_sparse import RowSparseAdamW, clip_grad_norm_
+from .row_sparse import RowSparseAdamW, clip_grad_norm_, clip_gradients
+from .step import StepOutput, find_tuner, training_step
 
 __all__ = [
     "PROXY_LR_FACTOR",
     "RowSparseAdamW",
+    "StepOutput",
     "build_optimizer",
     "build_scheduler",
     "build_train_dataloader",
     "check_finite",
     "clip_grad_norm_",
+    "clip_gradients",
     "evaluate_retrieval",
+    "find_tuner",
     "format_metrics",
     "proxy_diagnostics",
     "list_checkpoints",
     "load_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
+    "training_step",
 ]

@@ -11,31 +11,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tuners.prompted import EmbeddingHead
+from .step import find_tuner
 
 
 @torch.no_grad()
 def proxy_diagnostics(model: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Cosine statistics of the proxies the loss uses now (``head.loss_proxies``) and a batch's embeddings.
+    """Cosine statistics of the proxies the adapter's loss object uses now (its ``loss_proxies``) and a batch.
 
-    Returns ``{}`` for a model without a prompt_peft head or without proxies, else (all mean cosines):
+    Returns ``{}`` when the loss has no proxies (or no class was configured), else (all mean cosines):
     ``proxies/mutual_cosine`` between different proxies, ``proxies/own_cosine`` of each embedding to its
-    class's proxy, ``proxies/other_cosine`` to the other classes' proxies. ``labels`` are the loss's class ids.
+    class's proxy, ``proxies/other_cosine`` to the other classes' proxies. ``model``: a PeftModel, possibly
+    wrapped by DDP; ``labels``: the loss's class ids of ``embeddings``.
     """
-    head = next((m for m in model.modules() if isinstance(m, EmbeddingHead)), None)
-    adapter = head.running_adapter() if head is not None else None
-    proxies = head.loss_proxies(adapter) if adapter is not None else None
+    head = find_tuner(model).embedding_head()
+    adapter = head.running_adapter()
+    if adapter is None or adapter not in head.proxies:
+        return {}
+    loss = head.loss_object(adapter)
+    proxies = loss.loss_proxies(head, adapter) if hasattr(loss, "loss_proxies") else None
     if proxies is None:
         return {}
     proxies = F.normalize(proxies.detach().float(), dim=-1)
     embeddings = F.normalize(embeddings.detach().float().to(proxies.device), dim=-1)
     num_classes = proxies.shape[0]
-    mutual = proxies @ proxies.T
     off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=proxies.device)
     cosines = embeddings @ proxies.T
     own = F.one_hot(labels.to(proxies.device).long(), num_classes).bool()
     return {
-        "proxies/mutual_cosine": mutual[off_diagonal].mean().item() if num_classes > 1 else 0.0,
+        "proxies/mutual_cosine": (proxies @ proxies.T)[off_diagonal].mean().item() if num_classes > 1 else 0.0,
         "proxies/own_cosine": cosines[own].mean().item(),
         "proxies/other_cosine": cosines[~own].mean().item() if num_classes > 1 else 0.0,
     }

@@ -1,25 +1,24 @@
-"""Optimiser parameter groups (separate proxy learning rate) and the warm-up + cosine schedule."""
+"""Optimiser parameter groups by parameter role (separate proxy learning rate) and the warm-up + cosine schedule."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from ..tuners.prompted import parameter_roles
 from .row_sparse import RowSparseAdamW
 
 __all__ = ["PROXY_LR_FACTOR", "build_optimizer", "build_scheduler"]
 
 # Proxy-Anchor (Kim et al., CVPR 2020) trains its proxies with 100x the backbone learning rate; proxies start
-# random and must move fast. VPTSP-G's released configs use 20x to 500x (methods.md §3.7): tune it.
+# random and must move fast. VPTSP-G's released configs use 20x to 500x: tune it.
 PROXY_LR_FACTOR = 100.0
-DEFAULT_PROXY_KEYWORDS = ("proxy", "proxies")
-DEFAULT_DECAY_EXEMPT = ("bias", "norm", "prompt")
-# Per-class tables updated row by row (VPTSP-G's class prompts): see row_sparse.RowSparseAdamW.
-DEFAULT_ROW_SPARSE_KEYWORDS = ("class_prompt",)
+# Roles (prompt_peft.tuners.prompted.ROLES) whose parameters AdamW does not decay.
+DEFAULT_DECAY_EXEMPT_ROLES = ("prompt", "class_prompt", "bias_delta")
 
 
 def build_optimizer(
@@ -31,26 +30,27 @@ def build_optimizer(
     proxy_weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    proxy_keywords: Sequence[str] = DEFAULT_PROXY_KEYWORDS,
-    decay_exempt: Sequence[str] | None = DEFAULT_DECAY_EXEMPT,
-    row_sparse_keywords: Sequence[str] = DEFAULT_ROW_SPARSE_KEYWORDS,
-) -> torch.optim.AdamW:
-    """AdamW over the trainable (``requires_grad``) parameters only, in named groups.
+    decay_exempt_roles: Collection[str] | None = DEFAULT_DECAY_EXEMPT_ROLES,
+    backbone_lr: float | None = None,
+    roles: Mapping[int, str] | None = None,
+) -> RowSparseAdamW:
+    """AdamW over the trainable (``requires_grad``) parameters only, in named groups chosen by parameter *role*.
 
-    Groups (empty ones are left out; each group has a ``"name"`` key for logging):
+    ``roles`` maps ``id(parameter)`` to the role its prompt_peft layer declared (default: read from the model's
+    layers, :func:`~prompt_peft.tuners.prompted.parameter_roles`); a parameter with no role (the backbone,
+    ``modules_to_save``) is an ordinary weight. Groups (empty ones are left out; each has a ``"name"`` key):
 
-    * ``"proxy"``: parameters whose name contains a ``proxy_keywords`` entry (case-insensitive), e.g.
-      ``base_model.vpt_proxies.default``; learning rate ``proxy_lr`` (default ``PROXY_LR_FACTOR × lr``),
-      weight decay ``proxy_weight_decay``. Name other modules (a "proxy head") without these words, or pass
-      ``proxy_keywords``.
+    * ``"proxy"``: role ``proxy`` (Proxy-Anchor proxies); learning rate ``proxy_lr`` (default
+      ``PROXY_LR_FACTOR × lr``), weight decay ``proxy_weight_decay``.
     * ``"main"``: the other trainable parameters, with ``weight_decay``.
-    * ``"no_decay"``: parameters exempt from decay: 1-D tensors (biases, LayerNorm scales) and names
-      containing a ``decay_exempt`` entry (prompt tokens). Only split off when ``weight_decay > 0``;
-      ``decay_exempt=None`` decays everything.
-    * ``"rows"``: 2-D per-class tables whose name contains a ``row_sparse_keywords`` entry (VPTSP-G's class
-      prompts), learning rate ``lr``; updated lazily, only the rows with a gradient, with optimiser state only
-      for rows ever touched (:class:`~prompt_peft.training.row_sparse.RowSparseAdamW`). Decayed like "main"
-      unless a ``decay_exempt`` entry matches.
+    * ``"no_decay"``: parameters exempt from decay: 1-D tensors (biases, LayerNorm scales) and the roles in
+      ``decay_exempt_roles`` (prompt tokens, class prompts, bias deltas). Only split off when
+      ``weight_decay > 0``; ``decay_exempt_roles=None`` decays everything.
+    * ``"rows"`` / ``"rows_no_decay"``: 2-D tables of role ``class_prompt`` (VPTSP-G's class prompts), learning
+      rate ``lr``; updated lazily, only the rows with a gradient, with optimiser state only for rows ever touched
+      (:class:`~prompt_peft.training.row_sparse.RowSparseAdamW`).
+    * ``"backbone"``: with ``backbone_lr``, every parameter without a role is unfrozen and trained at that rate
+      (the full fine-tuning baseline), with ``weight_decay``.
 
     The optimiser is a :class:`RowSparseAdamW`, which is exactly ``torch.optim.AdamW`` when there is no
     "rows" group.
@@ -69,27 +69,30 @@ def build_optimizer(
     proxy_lr = PROXY_LR_FACTOR * lr if proxy_lr is None else proxy_lr
     if proxy_lr <= 0:
         raise ValueError(f"proxy_lr must be > 0, got {proxy_lr}")
+    if backbone_lr is not None and backbone_lr <= 0:
+        raise ValueError(f"backbone_lr must be > 0, got {backbone_lr}")
+    roles = parameter_roles(model) if roles is None else roles
 
-    proxy_words = [w.lower() for w in proxy_keywords]
-    exempt_words = None if decay_exempt is None else [w.lower() for w in decay_exempt]
-    row_words = [w.lower() for w in row_sparse_keywords]
-    proxy, decay, no_decay, rows, rows_exempt = [], [], [], [], []
-    for name, param in model.named_parameters():
+    exempt_roles = None if decay_exempt_roles is None else set(decay_exempt_roles)
+    proxy, decay, no_decay, rows, rows_exempt, backbone = [], [], [], [], [], []
+    for param in model.parameters():
+        role = roles.get(id(param))
+        if role is None and backbone_lr:
+            param.requires_grad_(True)
+            backbone.append(param)
+            continue
         if not param.requires_grad:
             continue
-        lname = name.lower()
-        if param.ndim == 2 and any(w in lname for w in row_words):
-            exempt = exempt_words is not None and any(w in lname for w in exempt_words)
+        exempt = exempt_roles is not None and role in exempt_roles
+        if role == "class_prompt" and param.ndim == 2:
             (rows_exempt if exempt else rows).append(param)
-        elif any(w in lname for w in proxy_words):
+        elif role == "proxy":
             proxy.append(param)
-        elif (
-            weight_decay > 0 and exempt_words is not None and (param.ndim <= 1 or any(w in lname for w in exempt_words))
-        ):
+        elif weight_decay > 0 and exempt_roles is not None and (param.ndim <= 1 or exempt):
             no_decay.append(param)
         else:
             decay.append(param)
-    if not (proxy or decay or no_decay or rows or rows_exempt):
+    if not (proxy or decay or no_decay or rows or rows_exempt or backbone):
         raise ValueError(
             f"{type(model).__name__} has no trainable parameters (none has requires_grad=True); "
             "was the adapter added (get_peft_model) and is it the active, trainable one?"
@@ -101,6 +104,7 @@ def build_optimizer(
         {"name": "proxy", "params": proxy, "lr": proxy_lr, "weight_decay": proxy_weight_decay},
         {"name": "rows", "params": rows, "lr": lr, "weight_decay": weight_decay, "row_sparse": True},
         {"name": "rows_no_decay", "params": rows_exempt, "lr": lr, "weight_decay": 0.0, "row_sparse": True},
+        {"name": "backbone", "params": backbone, "lr": backbone_lr, "weight_decay": weight_decay},
     ]
     return RowSparseAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 

@@ -12,7 +12,7 @@ non-zero gradient are updated and the Adam moments exist only for rows that were
 
 * ``row_slot`` ``(rows,)`` int64: the row's slot in the moment tables, ``-1`` until first touched;
 * ``row_step`` ``(capacity,)`` int64: per-row step count (Adam's bias correction counts the row's own updates,
-  like lazy Adam; the original memory bank kept one counter per layer, methods.md §3.11.8);
+  like lazy Adam; the original memory bank kept one counter per layer, docs/methods.md, VPTSP-G);
 * ``exp_avg`` / ``exp_avg_sq`` ``(capacity, width)``: grown by doubling, so state grows with the classes seen;
 * ``step``: how many steps touched the table (bookkeeping torch's Adam expects in every state).
 
@@ -164,3 +164,15 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         else:
             g.mul_(coefficient.to(g.device, g.dtype))
     return total
+
+
+def clip_gradients(accelerator, model: torch.nn.Module, max_norm: float) -> None:
+    """Clip the gradients of ``model`` to ``max_norm`` in a training loop run by ``accelerator``: accelerate's own
+    clipping, or, when a gradient is sparse (per-class tables such as VPTSP-G's class prompts, which torch's
+    ``clip_grad_norm_`` rejects), unscale (mixed precision) and clip with :func:`clip_grad_norm_`."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):
+        accelerator.unscale_gradients()
+        clip_grad_norm_(params, max_norm)
+    else:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)

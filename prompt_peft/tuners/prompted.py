@@ -1,16 +1,24 @@
 """The mechanism every prompt_peft method shares: prompt tokens inside a frozen ViT, an embedding head, a loss.
 
-Three pieces, all standard peft building blocks:
+Four pieces, all standard peft building blocks (docs/architecture.md walks through one call):
 
-* :class:`PromptedBlock` wraps one encoder block (a ``BaseTunerLayer``, like LoRA's layers). Before the block it
-  drops some of the prompt tokens carried from the previous block and appends fresh ones; after the last block it
-  strips all prompts, so the final norm, pooler and classifier see exactly the image tokens. Each method states
-  its prompt schedule as a per-layer :class:`PromptStep` and says how fresh prompts are made.
+* :class:`PromptedBlock` wraps one encoder block (a ``BaseTunerLayer``, like LoRA's layers). Its one template
+  :meth:`~PromptedBlock.forward` drops prompt tokens carried from the previous block, appends fresh ones
+  (:meth:`~PromptedBlock.make_prompts`), runs the block (:meth:`~PromptedBlock.run_block`) and strips tokens
+  per the method's :class:`PromptStep` schedule, the single source of truth for token counts. Methods override
+  these small steps, never the whole forward.
 * :class:`EmbeddingHead` wraps the module that yields the pooled token (final LayerNorm or pooling head). It
-  computes the L2-normalised retrieval embedding (LayerNorm + Linear) and owns the Proxy-Anchor proxies.
-* :class:`PromptedTuner` (a ``BaseTuner``) only decides where the wrappers go and adds a forward hook pair on
-  the backbone: the pre-hook takes ``labels`` for our loss, the post-hook puts ``embeddings`` (and ``loss``)
-  into the backbone's own output.
+  computes the L2-normalised retrieval embedding (LayerNorm + Linear), owns the Proxy-Anchor proxies and the
+  adapter's loss object (see :mod:`prompt_peft.losses`).
+* :class:`~prompt_peft.tuners.context.ForwardContext`: one per call, created by the tuner's forward pre-hook
+  (which takes ``labels``), filled by the wrappers, turned into values (:class:`~prompt_peft.losses.LossInputs`)
+  and discarded by the forward hook, which puts ``embeddings`` (and ``loss``) into the backbone's own output.
+* :class:`PromptedTuner` (a ``BaseTuner``) decides where the wrappers go, adds the hook pair, and offers the
+  training-step API (:meth:`~PromptedTuner.gather_loss_inputs`, :meth:`~PromptedTuner.compute_loss`) and the
+  accounting by parameter role.
+
+Every adapter container of a wrapper is declared once, with its :data:`ROLES` entry (prompt, head, proxy, ...):
+the optimiser groups, the parameter counts and the inference-only state dict read the roles, never names.
 
 State lives in the wrappers, not on the tuner, so the adapters also work through transformers'
 ``model.load_adapter`` (which discards the tuner object) and ``disable_adapter()`` / ``set_adapter`` /
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +40,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..backbones import BackboneSpec
-from ..losses import proxy_anchor_loss
+from ..distributed import gather_across_processes
+from ..losses import LossInputs, ProxyAnchorLoss
+from .context import ForwardContext, close_context, current_context, open_context, use_context
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -78,9 +88,25 @@ class PromptedConfig(PeftConfig):
         if self.proxy_margin < 0:
             raise ValueError(f"proxy_margin must be >= 0, got {self.proxy_margin}")
 
+    def check_depth(self, num_layers: int) -> None:
+        """Raise a ``ValueError`` when the config does not fit a backbone of ``num_layers`` blocks."""
+
+
+@dataclass
+class TokenPromptConfig(PromptedConfig):
+    """Base config of the methods that add prompt tokens to the blocks: they state a :class:`PromptStep` schedule."""
+
     def prompt_schedule(self, num_layers: int) -> list["PromptStep"]:
         """One :class:`PromptStep` per encoder block; methods override this."""
         raise NotImplementedError
+
+    def check_depth(self, num_layers: int) -> None:
+        self.prompt_schedule(num_layers)  # validates layer indices against the real depth
+
+    @property
+    def resolved_prompt_dropout(self) -> float:
+        """Dropout on fresh prompt tokens (none unless a method's config says otherwise)."""
+        return 0.0
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -98,22 +124,103 @@ class PromptStep:
     strip: int = 0
 
 
+# ---------------------------------------------------------------------------------------------------- roles
+
+# role -> used to compute an embedding. Training-only parts are stored (training resumes from them) but are not
+# needed for retrieval: not counted as inference parameters, left out of the inference-only state dict.
+ROLES: dict[str, bool] = {
+    "prompt": True,  # prompt tokens and what makes them (VPT's projection, SHIP's level / shared / attribute prompts)
+    "pixel_prompt": True,  # FRPT's parser and sampling kernel
+    "head": True,  # the embedding head (LayerNorm + Linear, FRPT's CAH)
+    "bias_delta": True,  # BitFit deltas of frozen biases
+    "state": True,  # buffers used at inference (SHIP's attribute prototypes)
+    "proxy": False,  # Proxy-Anchor proxies: their own learning rate
+    "class_prompt": False,  # per-class prompt tables (VPTSP-G), updated row by row
+    "proxy_head": False,  # VPTSP-G's proxy branch head and integration cell
+    "classifier": False,  # FRPT's cross-entropy classifier
+    "training_state": False,  # buffers used only to train (running semantic proxies, warm-up counters)
+}
+TRAINING_ONLY_ROLES = frozenset(role for role, inference in ROLES.items() if not inference)
+
+_KINDS = ("parameters", "modules", "buffers", "transient_buffers")
+
+
+@dataclass(frozen=True)
+class Container:
+    """One per-adapter container of a wrapper, named ``<prefix><name>``.
+
+    ``kind``: ``"parameters"`` (``nn.ParameterDict``), ``"modules"`` (``nn.ModuleDict``), ``"buffers"`` (a peft
+    ``BufferDict``, persistent: saved with the adapter, never trainable) or ``"transient_buffers"`` (not saved).
+    ``role``: one of :data:`ROLES`.
+    """
+
+    kind: str
+    role: str
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"Container kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"Container role must be one of {sorted(ROLES)}, got {self.role!r}")
+
+
 # ---------------------------------------------------------------------------------------------------- layers
 
 
 class PromptedLayer(BaseTunerLayer):
-    """Common base of the wrappers of one method (peft's ``tuner_layer_cls`` is used for isinstance checks)."""
+    """Common base of the wrappers of one method (peft's ``tuner_layer_cls`` is used for isinstance checks).
+
+    A wrapper class declares its per-adapter containers once in ``containers`` (name -> :class:`Container`; merged
+    with those of its bases, bases first) and its plain per-adapter dicts in ``plain_dicts``; peft's
+    ``adapter_layer_names`` / ``other_param_names`` are derived from them.
+    """
 
     prefix = "prompted_"
-    # Adapter containers (by name suffix) used only to train, not to compute an embedding: counted as
-    # stored but not as inference parameters by PromptedTuner.get_parameter_counts().
-    training_only_suffixes: tuple[str, ...] = ("proxies",)
+    containers: dict[str, Container] = {}
+    plain_dicts: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        declared: dict[str, Container] = {}
+        plain: list[str] = []
+        for klass in reversed(cls.__mro__):
+            declared.update(klass.__dict__.get("containers", {}))
+            plain += [name for name in klass.__dict__.get("plain_dicts", ()) if name not in plain]
+        cls.declared_containers = declared
+        cls.declared_plain_dicts = tuple(plain)
+        if declared:
+            cls.adapter_layer_names = tuple(
+                cls.prefix + n for n, c in declared.items() if c.kind in ("parameters", "modules")
+            )
+            # Buffers are not adapter layers: set_adapter() would flip requires_grad on them.
+            buffers = tuple(cls.prefix + n for n, c in declared.items() if c.kind.endswith("buffers"))
+            cls.other_param_names = tuple(plain) + buffers
 
     def _init_wrapper(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = "default"
+        for name, container in self.declared_containers.items():
+            if container.kind == "parameters":
+                self.add_module(self.prefix + name, nn.ParameterDict())
+            elif container.kind == "modules":
+                self.add_module(self.prefix + name, nn.ModuleDict())
+            else:
+                self.add_module(self.prefix + name, BufferDict(persistent=container.kind == "buffers"))
+        for name in self.declared_plain_dicts:
+            setattr(self, name, {})
+
+    def role_tensors(self, adapter_name: Optional[str] = None) -> Iterator[tuple[Container, torch.Tensor]]:
+        """``(container, tensor)`` for every parameter and buffer of one adapter (all adapters when None)."""
+        for name, container in self.declared_containers.items():
+            entries = getattr(self, self.prefix + name)
+            for adapter, entry in entries.items():
+                if adapter_name is not None and adapter != adapter_name:
+                    continue
+                tensors = [entry] if isinstance(entry, torch.Tensor) else list(entry.parameters())
+                for tensor in tensors:
+                    yield container, tensor
 
     def _running_adapter(self, registered: dict) -> Optional[str]:
         """The adapter to apply now, or None when adapters are disabled or this layer has none active."""
@@ -141,28 +248,23 @@ class PromptedLayer(BaseTunerLayer):
 class PromptedBlock(nn.Module, PromptedLayer):
     """Wraps one encoder block and applies this layer's :class:`PromptStep` around it.
 
-    Fresh prompts come from ``<prefix>prompt[adapter]`` (``(n, d)``), optionally through the method's shared
-    projection, then prompt dropout; subclasses may override :meth:`make_prompts`.
-    Subclasses set ``prefix`` (e.g. ``"vpt_"``); the adapter containers are named after it. A method with more
-    per-adapter state lists it in ``extra_adapter_layers`` (trainable ``ParameterDict`` containers),
-    ``extra_adapter_modules`` (trainable ``ModuleDict`` containers, e.g. an ``nn.Embedding`` per adapter),
-    ``extra_buffers`` (peft ``BufferDict`` containers: saved with the adapter, never trainable) and
-    ``extra_other_param_names`` (plain per-adapter dicts); all are named ``<prefix><name>`` except the last.
+    :meth:`forward` is the one template every token-prompt method runs; a method overrides its steps:
+
+    * :meth:`before_block` — change the incoming tokens (VPTSP-G: the patch-embedding bias delta);
+    * :meth:`make_prompts` — the fresh prompts ``(B, n, D)`` to append, or None (default: ``<prefix>prompt``
+      through the shared projection, if any, and prompt dropout);
+    * :meth:`run_block` — run the wrapped block (SHIP: decoupled attention; VPTSP-G: BitFit deltas).
+
+    Token counts follow the schedule: ``step.drop`` carried tokens are dropped before the block and ``step.strip``
+    stripped after it. A block whose :meth:`make_prompts` returns more (or fewer) tokens than ``step.new`` in some
+    branch (VPTSP-G's class prompts) strips the difference too, so the schedule stays the only count.
     """
 
-    extra_adapter_layers: tuple[str, ...] = ()
-    extra_adapter_modules: tuple[str, ...] = ()
-    extra_buffers: tuple[str, ...] = ()
-    extra_other_param_names: tuple[str, ...] = ()
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        extra_layers = tuple(cls.prefix + name for name in cls.extra_adapter_layers + cls.extra_adapter_modules)
-        # Buffers are not adapter layers: set_adapter() would flip requires_grad on them.
-        extra_buffers = tuple(cls.prefix + name for name in cls.extra_buffers)
-        cls.adapter_layer_names = (cls.prefix + "prompt", cls.prefix + "prompt_proj") + extra_layers
-        cls.other_param_names = ("prompt_step", "prompt_dropout", "shared_projection") + extra_buffers
-        cls.other_param_names += tuple(cls.extra_other_param_names)
+    containers = {
+        "prompt": Container("parameters", "prompt"),
+        "prompt_proj": Container("modules", "prompt"),  # owned by the first prompted layer
+    }
+    plain_dicts = ("prompt_step", "prompt_dropout", "shared_projection")  # shared_projection: references
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, index: int, spec: BackboneSpec
@@ -174,19 +276,6 @@ class PromptedBlock(nn.Module, PromptedLayer):
         self.num_layers = spec.num_layers
         self.hidden_size = spec.hidden_size
         self.patch_dim = spec.num_channels * spec.patch_size**2  # VPT's fan-in for the prompt init
-        self.add_module(self.prefix + "prompt", nn.ParameterDict())
-        self.add_module(self.prefix + "prompt_proj", nn.ModuleDict())  # owned by the first prompted layer
-        for name in self.extra_adapter_layers:
-            self.add_module(self.prefix + name, nn.ParameterDict())
-        for name in self.extra_adapter_modules:
-            self.add_module(self.prefix + name, nn.ModuleDict())
-        for name in self.extra_buffers:
-            self.add_module(self.prefix + name, BufferDict(persistent=True))
-        for name in self.extra_other_param_names:
-            setattr(self, name, {})
-        self.prompt_step: dict[str, PromptStep] = {}
-        self.prompt_dropout: dict[str, float] = {}
-        self.shared_projection: dict[str, nn.Module] = {}  # plain dict: a reference, not a second owner
         self.update_layer(adapter_name, config)
 
     @property
@@ -197,43 +286,63 @@ class PromptedBlock(nn.Module, PromptedLayer):
     def prompt_projections(self) -> nn.ModuleDict:
         return getattr(self, self.prefix + "prompt_proj")
 
-    def update_layer(self, adapter_name: str, config: PromptedConfig) -> None:
+    def update_layer(self, adapter_name: str, config: TokenPromptConfig) -> None:
         step = config.prompt_schedule(self.num_layers)[self.index]
         self.prompt_step[adapter_name] = step
-        self.prompt_dropout[adapter_name] = getattr(config, "resolved_prompt_dropout", 0.0)
+        self.prompt_dropout[adapter_name] = config.resolved_prompt_dropout
+        self.create_adapter_tensors(adapter_name, config, step)
+        self.set_adapter(self.active_adapters)
+
+    def create_adapter_tensors(self, adapter_name: str, config: PromptedConfig, step: PromptStep) -> None:
+        """This block's tensors for ``adapter_name`` (default: ``step.new`` prompts from :meth:`init_prompts`)."""
         if step.new:
             self.prompts[adapter_name] = nn.Parameter(self.init_prompts(config, step.new))
-        self.set_adapter(self.active_adapters)
 
     def init_prompts(self, config: PromptedConfig, n: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_prompts(self, adapter: str, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        prompts = self.prompts[adapter]
-        projection = self.shared_projection.get(adapter)
-        if projection is not None:
-            prompts = projection(prompts)
-        prompts = F.dropout(prompts, p=self.prompt_dropout[adapter], training=self.training)
-        return prompts.to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
+    # -- the template ---------------------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter = self._running_adapter(self.prompt_step)
         if adapter is None:
             return self.base_layer(hidden_states, *args, **kwargs)
+        _refuse_attention_mask(args, kwargs)
+        context = current_context()
         step = self.prompt_step[adapter]
+        hidden_states = self.before_block(adapter, context, hidden_states)
         if step.drop:
             hidden_states = hidden_states[:, : -step.drop]
-        if step.new:
-            fresh = self.make_prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
+        fresh = self.make_prompts(adapter, context, hidden_states)
+        added = 0 if fresh is None else fresh.shape[1]
+        if added:
             hidden_states = torch.cat([hidden_states, fresh], dim=1)
-        _refuse_attention_mask(args, kwargs)
-        out = self.base_layer(hidden_states, *args, **kwargs)
-        return out[:, : -step.strip] if step.strip else out
+        out = self.run_block(adapter, context, hidden_states, *args, **kwargs)
+        strip = step.strip + added - step.new
+        return out[:, :-strip] if strip else out
 
-    def take_auxiliary_loss(self) -> Optional[torch.Tensor]:
-        """A loss term this block computed in the last forward (e.g. SHIP's prompt matching loss), handed over
-        once; the tuner's output hook adds it to the retrieval loss. None for methods without one."""
-        return None
+    def before_block(self, adapter: str, context: ForwardContext, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The incoming tokens, changed before anything else (identity by default)."""
+        return hidden_states
+
+    def make_prompts(
+        self, adapter: str, context: ForwardContext, hidden_states: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Fresh prompts ``(B, n, D)`` in the hidden dtype, appended after the (kept) tokens; None for none."""
+        if not self.prompt_step[adapter].new:
+            return None
+        prompts = self.prompts[adapter]
+        projection = self.shared_projection.get(adapter)
+        if projection is not None:
+            prompts = projection(prompts)
+        prompts = F.dropout(prompts, p=self.prompt_dropout[adapter], training=self.training)
+        return prompts.to(hidden_states.dtype).unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
+
+    def run_block(
+        self, adapter: str, context: ForwardContext, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """The wrapped block on the prompted sequence (its output keeps every token)."""
+        return self.base_layer(hidden_states, *args, **kwargs)
 
 
 def _refuse_attention_mask(args: tuple, kwargs: dict) -> None:
@@ -249,45 +358,25 @@ def _refuse_attention_mask(args: tuple, kwargs: dict) -> None:
 class EmbeddingHead(nn.Module, PromptedLayer):
     """Wraps the module that yields the pooled token and turns that token into the retrieval embedding.
 
-    ``embedding = normalize(Linear(LayerNorm(pooled)))``, computed in float32 whatever the backbone dtype.
-    Also owns the Proxy-Anchor proxies (``num_classes × embedding_dim``) when ``num_classes`` is set.
-    The result is handed to the tuner's forward hook through :meth:`take_embeddings`.
-    A method whose head has more per-adapter state lists it in ``extra_adapter_layers`` (trainable ``ModuleDict``
-    containers named ``<prefix><name>``, created empty before :meth:`update_layer` runs), ``extra_buffers``
-    (peft ``BufferDict`` containers, persistent: in training checkpoints and the adapter file, never trainable) and
-    ``extra_other_param_names`` (plain per-adapter dicts). A method whose loss needs another forward of the
-    backbone overrides :meth:`extra_pass`.
+    ``embedding = normalize(Linear(LayerNorm(pooled)))``, computed in float32 whatever the backbone dtype, put
+    into the call's context. Also owns the Proxy-Anchor proxies (``num_classes × embedding_dim``) when
+    ``num_classes`` is set, and the adapter's loss object (:meth:`default_loss`, or one given to :meth:`set_loss`).
+    A method overrides the small steps :meth:`run_head` (run the wrapped module) and :meth:`collect` (what the
+    output puts into the context), and :meth:`extra_branches` when its loss needs another pass of the backbone.
     """
 
-    extra_adapter_layers: tuple[str, ...] = ()
-    extra_buffers: tuple[str, ...] = ()
-    extra_other_param_names: tuple[str, ...] = ()
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.adapter_layer_names = (cls.prefix + "head_norm", cls.prefix + "head_proj", cls.prefix + "proxies")
-        cls.adapter_layer_names += tuple(cls.prefix + name for name in cls.extra_adapter_layers)
-        cls.other_param_names = ("head_config",) + tuple(cls.prefix + name for name in cls.extra_buffers)
-        cls.other_param_names += tuple(cls.extra_other_param_names)
+    containers = {
+        "head_norm": Container("modules", "head"),
+        "head_proj": Container("modules", "head"),
+        "proxies": Container("parameters", "proxy"),
+    }
+    plain_dicts = ("head_config", "custom_loss")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, spec: BackboneSpec):
         super().__init__()
         self._init_wrapper(base_layer)
         self.spec = spec
-        self.pool = spec.pool
         self.hidden_size = spec.hidden_size
-        self.add_module(self.prefix + "head_norm", nn.ModuleDict())
-        self.add_module(self.prefix + "head_proj", nn.ModuleDict())
-        self.add_module(self.prefix + "proxies", nn.ParameterDict())
-        for name in self.extra_adapter_layers:
-            self.add_module(self.prefix + name, nn.ModuleDict())
-        for name in self.extra_buffers:
-            self.add_module(self.prefix + name, BufferDict(persistent=True))
-        for name in self.extra_other_param_names:
-            setattr(self, name, {})
-        self.head_config: dict[str, PromptedConfig] = {}
-        self._embeddings: Optional[torch.Tensor] = None
-        self._labels: Optional[torch.Tensor] = None
         self.update_layer(adapter_name, config)
 
     @property
@@ -318,54 +407,69 @@ class EmbeddingHead(nn.Module, PromptedLayer):
     def running_adapter(self) -> Optional[str]:
         return self._running_adapter(self.head_config)
 
+    # -- the template ---------------------------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         adapter = self.running_adapter()
-        if adapter is not None:
-            self._embeddings = self.embed(adapter, self.pooled(out))
+        if adapter is None:
+            return self.base_layer(x, *args, **kwargs)
+        context = current_context()
+        out = self.run_head(adapter, context, x, *args, **kwargs)
+        self.collect(adapter, context, out)
         return out
 
+    def run_head(self, adapter: str, context: ForwardContext, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """The wrapped module's output (unchanged: the backbone's own outputs stay the frozen ones)."""
+        return self.base_layer(x, *args, **kwargs)
+
+    def collect(self, adapter: str, context: ForwardContext, out: Any) -> None:
+        """Put what this pass produced into the context (default: the embeddings of the pooled token)."""
+        context.embeddings = self.embed(adapter, self.pooled(out))
+
     def pooled(self, out: torch.Tensor) -> torch.Tensor:
-        if self.pool == "first_token":
-            return out[:, 0]
-        if self.pool == "mean":
-            return out.mean(dim=1)
-        return out
+        return self.spec.pooled(out)
 
     def embed(self, adapter: str, pooled: torch.Tensor) -> torch.Tensor:
         norm = self.head_norm[adapter]
         features = norm(pooled.to(norm.weight.dtype))
         return F.normalize(self.head_proj[adapter](features), dim=-1)
 
-    def loss(self, adapter: str, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        config = self.head_config[adapter]
-        return proxy_anchor_loss(
-            embeddings, labels, self.loss_proxies(adapter), margin=config.proxy_margin, alpha=config.proxy_alpha
-        )
+    def extra_branches(self, adapter: str, labels: torch.Tensor) -> tuple[str, ...]:
+        """Branches the loss needs beyond the sample pass, run by the forward hook with the same inputs under a
+        context of that branch (VPTSP-G: ``("proxy",)`` while training). None by default."""
+        return ()
 
-    def loss_proxies(self, adapter: str) -> Optional[torch.Tensor]:
-        """The ``(C, E)`` proxies the loss compares the embeddings with, as they are now (None without classes);
-        read by :func:`prompt_peft.training.proxy_diagnostics` too."""
-        return self.proxies[adapter] if adapter in self.proxies else None
+    # -- the loss ---------------------------------------------------------------------------------------------
 
-    def take_embeddings(self) -> Optional[torch.Tensor]:
-        embeddings, self._embeddings = self._embeddings, None
-        return embeddings
+    def default_loss(self, config: PromptedConfig) -> Callable:
+        """The method's loss object for ``config`` (here Proxy-Anchor against this head's proxies)."""
+        return ProxyAnchorLoss(margin=config.proxy_margin, alpha=config.proxy_alpha)
 
-    def extra_pass(self, model: nn.Module, args: tuple, kwargs: dict, labels: torch.Tensor) -> None:
-        """Called by the tuner's output hook before :meth:`loss` when labels were given: a method whose loss
-        needs a second forward of the backbone (VPTSP's proxy branch) runs it here, with the same inputs
-        (``model.forward(*args, **kwargs)``, labels removed). Nothing by default."""
+    def set_loss(self, adapter_name: str, loss: Optional[Callable]) -> None:
+        """Use ``loss(inputs, head, adapter)`` for ``adapter_name`` (None: back to :meth:`default_loss`)."""
+        if loss is None:
+            self.custom_loss.pop(adapter_name, None)
+        else:
+            self.custom_loss[adapter_name] = loss
+
+    def loss_object(self, adapter: str) -> Callable:
+        return self.custom_loss.get(adapter) or self.default_loss(self.head_config[adapter])
+
+    def compute_loss(self, adapter: str, inputs: LossInputs) -> torch.Tensor:
+        """The adapter's loss on ``inputs``, plus their auxiliary terms."""
+        loss = self.loss_object(adapter)(inputs, self, adapter)
+        return loss if inputs.auxiliary is None else loss + inputs.auxiliary
 
 
 # ---------------------------------------------------------------------------------------------------- hooks
 
 _HEAD_PATH_ATTR = "_prompt_peft_head_path"
-_BLOCKS_PATH_ATTR = "_prompt_peft_blocks_path"
 _HOOKS_ATTR = "_prompt_peft_hooks"
+LOSS_INPUTS_KWARG = "return_loss_inputs"
 
 
-def _find_head(model: nn.Module) -> Optional[EmbeddingHead]:
+def find_head(model: nn.Module) -> Optional[EmbeddingHead]:
+    """The embedding head of a backbone carrying prompt_peft adapters (None for any other model)."""
     path = getattr(model, _HEAD_PATH_ATTR, None)
     if path is None:
         return None
@@ -373,56 +477,47 @@ def _find_head(model: nn.Module) -> Optional[EmbeddingHead]:
     return head if isinstance(head, EmbeddingHead) else None
 
 
-def _take_labels(model: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: keep ``labels`` for our loss so the backbone never sees them."""
-    head = _find_head(model)
+def _open_call(model: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: take ``labels`` (and ``return_loss_inputs``) and open this call's context."""
+    head = find_head(model)
     adapter = head.running_adapter() if head is not None else None
-    if adapter is None or "labels" not in kwargs:
-        return None
-    if not head.head_config[adapter].num_classes:
-        if "labels" in inspect.signature(model.forward).parameters:  # e.g. ViTForImageClassification's own loss
-            return None
-        raise ValueError(
-            "labels were given but the adapter has no proxies: set num_classes in the config to train with the "
-            "Proxy-Anchor loss."
-        )
     kwargs = dict(kwargs)
-    head._labels = kwargs.pop("labels")
+    want_inputs = bool(kwargs.pop(LOSS_INPUTS_KWARG, False))
+    labels = None
+    if adapter is not None and "labels" in kwargs:
+        if head.head_config[adapter].num_classes:
+            labels = kwargs.pop("labels")
+        elif "labels" not in inspect.signature(model.forward).parameters:  # e.g. ViTForImageClassification's loss
+            raise ValueError(
+                "labels were given but the adapter has no proxies: set num_classes in the config to train with the "
+                "Proxy-Anchor loss."
+            )
+    open_context(ForwardContext(labels=labels, owner=id(model), want_inputs=want_inputs))
     return args, kwargs
 
 
-def _take_auxiliary_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """Sum of the loss terms the prompted blocks computed in this forward (None if none did)."""
-    path = getattr(model, _BLOCKS_PATH_ATTR, None)
-    if path is None:
+def _close_call(model: nn.Module, args: tuple, kwargs: dict, output: Any):
+    """Forward hook (always called, also when the forward raised): discard the context and add ``embeddings``
+    (and ``loss`` when labels were given; ``loss_inputs`` when asked) to the backbone's output."""
+    context = close_context(id(model))
+    head = find_head(model)
+    if context is None or head is None or output is None or context.embeddings is None:
         return None
-    total = None
-    for block in model.get_submodule(path):
-        loss = block.take_auxiliary_loss() if isinstance(block, PromptedBlock) else None
-        if loss is not None:
-            total = loss if total is None else total + loss
-    return total
-
-
-def _attach_outputs(model: nn.Module, args: tuple, kwargs: dict, output: Any):
-    """Forward hook: add ``embeddings`` (and ``loss`` when labels were given) to the backbone's output.
-
-    Auxiliary loss terms of the blocks (e.g. SHIP's matching loss) are added to that loss, or to the backbone's
-    own loss when it computed one, and reported as ``auxiliary_loss``.
-    """
-    head = _find_head(model)
-    if head is None:
-        return None
-    auxiliary = _take_auxiliary_loss(model)  # always taken, so no graph outlives its forward
-    embeddings = head.take_embeddings()
-    labels, head._labels = head._labels, None
-    if embeddings is None:
-        return None
+    adapter = head.running_adapter()
+    auxiliary = context.auxiliary_loss()
+    embeddings, labels = context.embeddings, context.labels
+    inputs, loss = None, None
     if labels is not None:
-        head.extra_pass(model, args, kwargs, labels)
-    loss = head.loss(head.running_adapter(), embeddings, labels.to(embeddings.device)) if labels is not None else None
-    if loss is not None and auxiliary is not None:
-        loss = loss + auxiliary
+        inputs = LossInputs(
+            embeddings=embeddings, labels=labels.to(embeddings.device), features=context.features, auxiliary=auxiliary
+        )
+        for branch in head.extra_branches(adapter, labels):
+            branch_labels = labels.to(head._base_device())
+            with use_context(ForwardContext(labels=branch_labels, branch=branch)) as other:
+                model.forward(*args, **kwargs)
+            inputs.candidates, inputs.candidate_labels = other.candidates, branch_labels
+        if not context.want_inputs:
+            loss = head.compute_loss(adapter, inputs)
     if isinstance(output, tuple):  # return_dict=False
         return output + ((embeddings,) if loss is None else (embeddings, loss))
     output["embeddings"] = embeddings
@@ -432,6 +527,8 @@ def _attach_outputs(model: nn.Module, args: tuple, kwargs: dict, output: Any):
         output["loss"] = output["loss"] + auxiliary
     if auxiliary is not None:
         output["auxiliary_loss"] = auxiliary
+    if context.want_inputs and inputs is not None:
+        output["loss_inputs"] = inputs
     return output
 
 
@@ -439,17 +536,16 @@ def _attach_outputs(model: nn.Module, args: tuple, kwargs: dict, output: Any):
 
 
 class PromptedTuner(BaseTuner):
-    """Base tuner of the prompt_peft methods: wraps every encoder block and the pooled-token module.
+    """Base tuner of the prompt_peft methods: wraps the modules a method names and adds the hook pair.
 
-    Subclasses set ``prefix``, ``tuner_layer_cls`` (a :class:`PromptedLayer` subclass) and the two wrapper
-    classes ``block_cls`` / ``head_cls``.
+    Subclasses set ``prefix`` and ``tuner_layer_cls`` (a :class:`PromptedLayer` subclass) and say which modules
+    they wrap (:meth:`_target_paths`), which one is the embedding head (:meth:`_head_path`) and how to wrap each
+    (:meth:`_wrap`). :class:`TokenPromptTuner` does this for the methods that add prompt tokens to the blocks.
     """
 
     prefix: str = "prompted_"
     tuner_layer_cls = PromptedLayer
     target_module_mapping: dict = {}
-    block_cls: type[PromptedBlock] = PromptedBlock
-    head_cls: type[EmbeddingHead] = EmbeddingHead
 
     # -- setup ------------------------------------------------------------------------------------------
 
@@ -470,10 +566,19 @@ class PromptedTuner(BaseTuner):
                     f"but {spec.model_class} has {actual}. Load it onto the backbone it was trained with "
                     f"(base_model_name_or_path={config.base_model_name_or_path!r})."
                 )
-        config.prompt_schedule(spec.num_layers)  # validates layer indices against the real depth
+        config.check_depth(spec.num_layers)
+
+    def _target_paths(self) -> list[str]:
+        raise NotImplementedError
+
+    def _head_path(self) -> str:
+        raise NotImplementedError
+
+    def _wrap(self, target: nn.Module, target_name: str, current_key: str, adapter_name: str, config) -> nn.Module:
+        raise NotImplementedError
 
     def _prepare_adapter_config(self, peft_config: PromptedConfig, model_config: dict) -> PromptedConfig:
-        peft_config.target_modules = self.spec.block_paths + [self.spec.pool_module]
+        peft_config.target_modules = self._target_paths()
         peft_config.backbone_hidden_size = self.spec.hidden_size
         peft_config.backbone_num_layers = self.spec.num_layers
         return peft_config
@@ -484,10 +589,9 @@ class PromptedTuner(BaseTuner):
         if isinstance(target, PromptedLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        if current_key == self.spec.pool_module:
-            new_module = self.head_cls(target, adapter_name, peft_config, self.spec)
-        else:
-            new_module = self.block_cls(target, adapter_name, peft_config, int(target_name), self.spec)
+        if current_key not in self._target_paths():  # target_modules is ours; anything else was edited by hand
+            raise ValueError(f"{type(self).__name__} does not wrap {current_key!r}; it wraps {self._target_paths()}")
+        new_module = self._wrap(target, target_name, current_key, adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -502,12 +606,11 @@ class PromptedTuner(BaseTuner):
         self._link_shared_modules(adapter_name)
 
     def _post_injection_hook(self, model: nn.Module, config: PromptedConfig, adapter_name: str) -> None:
-        setattr(model, _HEAD_PATH_ATTR, self.spec.pool_module)
-        setattr(model, _BLOCKS_PATH_ATTR, self.spec.block_list)
+        setattr(model, _HEAD_PATH_ATTR, self._head_path())
         if getattr(model, _HOOKS_ATTR, None) is None:  # one pair per backbone, however many adapters
             handles = (
-                model.register_forward_pre_hook(_take_labels, with_kwargs=True),
-                model.register_forward_hook(_attach_outputs, with_kwargs=True),
+                model.register_forward_pre_hook(_open_call, with_kwargs=True),
+                model.register_forward_hook(_close_call, with_kwargs=True, always_call=True),
             )
             setattr(model, _HOOKS_ATTR, handles)
 
@@ -531,7 +634,7 @@ class PromptedTuner(BaseTuner):
         )
         for handle in getattr(model, _HOOKS_ATTR, None) or ():
             handle.remove()
-        for attr in (_HOOKS_ATTR, _HEAD_PATH_ATTR, _BLOCKS_PATH_ATTR):
+        for attr in (_HOOKS_ATTR, _HEAD_PATH_ATTR):
             if attr in model.__dict__:
                 delattr(model, attr)
         return model
@@ -546,29 +649,113 @@ class PromptedTuner(BaseTuner):
                 return ".".join(parts[:i] + parts[i + 1 :])
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
-    # -- accounting ---------------------------------------------------------------------------------------
+    # -- method hooks every script calls the same way ---------------------------------------------------------
+
+    def fit_to_data(self, dataloader, adapter_name: Optional[str] = None) -> Optional[str]:
+        """Compute the adapter's data-dependent state from the frozen backbone before training (SHIP: semantic
+        levels and prototypes). Call it before building the optimiser, with the same unsharded loader on every
+        process; it reads ``dataloader`` only when the method needs it. Returns a line to log, or None."""
+        return None
+
+    def transformed_inputs(self, pixel_values: torch.Tensor) -> Optional[torch.Tensor]:
+        """What the backbone sees when the method transforms the input images (FRPT's re-sampling), for figures;
+        None for methods that leave the pixels alone."""
+        return None
+
+    # -- the training step ----------------------------------------------------------------------------------
+
+    def embedding_head(self) -> EmbeddingHead:
+        return self.model.get_submodule(self._head_path())
+
+    def set_loss(self, loss: Optional[Callable], adapter_name: Optional[str] = None) -> None:
+        """Train ``adapter_name`` (default: the active one) with ``loss(inputs, head, adapter)`` instead of the
+        method's default (see :mod:`prompt_peft.losses`); None restores the default."""
+        self.embedding_head().set_loss(adapter_name or self.active_adapters[0], loss)
+
+    def gather_loss_inputs(self, inputs: LossInputs) -> LossInputs:
+        """The gather point of the training step, between the forward and the loss (identity in one process).
+
+        By default only a proxy branch's ``candidates`` (with their labels) are gathered over processes, so the
+        running semantic proxies see the global batch and stay identical on every process; the sample branch's
+        loss stays per process. Override it (or pass ``gather=`` to
+        :func:`prompt_peft.training.training_step`) to gather more, e.g. every batch field for a global-batch loss.
+        """
+        return inputs.map(gather_across_processes, ("candidates", "candidate_labels"))
+
+    def compute_loss(self, inputs: LossInputs, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """The running adapter's loss object on ``inputs`` (plus their auxiliary terms)."""
+        head = self.embedding_head()
+        return head.compute_loss(adapter_name or head.running_adapter() or self.active_adapters[0], inputs)
+
+    # -- roles and accounting -----------------------------------------------------------------------------
+
+    def _layers(self) -> list[PromptedLayer]:
+        return [m for m in self.model.modules() if isinstance(m, PromptedLayer)]
+
+    def parameter_roles(self) -> dict[int, str]:
+        """``id(parameter) -> role`` for every adapter parameter of every adapter (see :data:`ROLES`)."""
+        return parameter_roles(self.model)
+
+    def backbone_parameter_count(self) -> int:
+        """Parameters of the model that no adapter declares (the backbone, and any ``modules_to_save``)."""
+        roles = self.parameter_roles()
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in roles)
 
     def get_parameter_counts(self, adapter_name: Optional[str] = None) -> dict[str, int]:
-        """Parameters of one adapter: ``trainable`` now, ``stored`` in its file, needed at ``inference``.
-
-        Proxies (and a layer's other ``training_only_suffixes`` containers, e.g. a classifier) are stored (training
-        resumes from them) but never used to compute an embedding.
-        """
+        """Sizes of one adapter: ``trainable`` parameters now, ``stored`` in its file (parameters and persistent
+        buffers, e.g. SHIP's prototypes), needed at ``inference`` (stored, less the training-only roles)."""
         adapter_name = adapter_name or self.active_adapters[0]
         trainable = stored = inference = 0
-        for module in self.model.modules():
-            if not isinstance(module, PromptedLayer):
-                continue
-            for attr, child in module.named_children():
-                if attr == "base_layer" or not isinstance(child, (nn.ModuleDict, nn.ParameterDict)):
+        for layer in self._layers():
+            for container, tensor in layer.role_tensors(adapter_name):
+                if container.kind == "transient_buffers":
                     continue
-                if adapter_name not in child:
-                    continue
-                entry = child[adapter_name]
-                params = [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
-                count = sum(p.numel() for p in params)
-                stored += count
-                trainable += sum(p.numel() for p in params if p.requires_grad)
-                if not attr.endswith(module.training_only_suffixes):
-                    inference += count
+                stored += tensor.numel()
+                trainable += tensor.numel() if tensor.requires_grad else 0
+                inference += tensor.numel() if container.role not in TRAINING_ONLY_ROLES else 0
         return {"trainable": trainable, "stored": stored, "inference": inference}
+
+    def inference_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """The model's state without the adapter's training-only parts (see :data:`ROLES`):
+        ``model.save_pretrained(path, state_dict=model.base_model.inference_state_dict())`` writes an adapter for
+        retrieval only (loading it warns about the missing training-only keys)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        dropped = {
+            id(t)
+            for layer in self._layers()
+            for c, t in layer.role_tensors(adapter_name)
+            if c.role in TRAINING_ONLY_ROLES
+        }
+        state = self.model.state_dict(prefix="base_model.model.", keep_vars=True)  # PeftModel.state_dict()'s keys
+        return {k: v.detach() for k, v in state.items() if id(v) not in dropped}
+
+
+def parameter_roles(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> role`` (see :data:`ROLES`) for the adapter parameters of every prompt_peft layer inside
+    ``model`` (a PeftModel, its tuner, or either wrapped by DDP); other parameters are not listed."""
+    return {
+        id(tensor): container.role
+        for module in model.modules()
+        if isinstance(module, PromptedLayer)
+        for container, tensor in module.role_tensors()
+        if not container.kind.endswith("buffers")
+    }
+
+
+class TokenPromptTuner(PromptedTuner):
+    """A tuner whose methods add prompt tokens: wraps every encoder block in ``block_cls`` and the pooled-token
+    module in ``head_cls``."""
+
+    block_cls: type[PromptedBlock] = PromptedBlock
+    head_cls: type[EmbeddingHead] = EmbeddingHead
+
+    def _target_paths(self) -> list[str]:
+        return self.spec.block_paths + [self.spec.pool_module]
+
+    def _head_path(self) -> str:
+        return self.spec.pool_module
+
+    def _wrap(self, target, target_name, current_key, adapter_name, config) -> nn.Module:
+        if current_key == self.spec.pool_module:
+            return self.head_cls(target, adapter_name, config, self.spec)
+        return self.block_cls(target, adapter_name, config, int(target_name), self.spec)

@@ -1,4 +1,4 @@
-"""FRPT: Fine-grained Retrieval Prompt Tuning (Wang et al., AAAI 2023; methods.md §4), adapted to frozen ViTs (§4.7).
+"""FRPT: Fine-grained Retrieval Prompt Tuning (Wang et al., AAAI 2023; docs/methods.md, FRPT), adapted to frozen ViTs.
 
 Modules: ``config`` (:class:`FRPTConfig`), ``sampler`` (the saliency-driven sampling grid), ``head`` (CAH, the
 channel-attention / instance-norm mix), ``model`` (the pixel-prompt layer, the head and the tuner)::
@@ -7,7 +7,7 @@ channel-attention / instance-norm mix), ``model`` (the pixel-prompt layer, the h
     out = model(pixel_values=x, labels=y)          # out.embeddings, out.loss (Proxy-Anchor + CE)
     zoomed = model.base_model.resample_images(x)   # the re-sampled pixels the backbone sees
 
-Paper, code and this ViT adaptation (paper defaults, code choices as options; methods.md §4.8):
+Paper, code and this ViT adaptation (paper defaults, code choices as options; docs/methods.md, FRPT):
 
 * Parser input: tokens after ``parser_block`` frozen blocks (paper's "conv block 1" -> 1; the code reads ResNet
   ``layer3``, about 3/4 depth), prefix tokens dropped, as a ``(D, h, w)`` map. Only those blocks run, unwrapped.

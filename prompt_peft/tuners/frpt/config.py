@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...registry import add_peft_type
-from ..prompted import PromptedConfig, PromptStep, _check_positive
+from ..prompted import PromptedConfig, _check_positive
 
 PARSERS = ("spatial", "pointwise")
 PARSER_INITS = ("zeros", "default")
 POOLINGS = ("mean", "cls")
 
-# The released code's sampler: a 31 x 31 grid smoothed by a 61 x 61 Gaussian of FWHM 13 cells (methods.md §4.3).
+# The released code's sampler: a 31 x 31 grid smoothed by a 61 x 61 Gaussian of FWHM 13 cells (docs/methods.md, FRPT).
 CODE_GRID_SIZE, CODE_FWHM = 31, 13.0
 # The default parser kernel is sized for the token grid at min(config image size, this) pixels.
 REFERENCE_IMAGE_SIZE = 224
@@ -20,7 +20,7 @@ REFERENCE_IMAGE_SIZE = 224
 
 @dataclass
 class FRPTConfig(PromptedConfig):
-    """Configuration of an FRPT adapter; defaults are the paper's choices, the code's are options (methods.md §4.8).
+    """Configuration of an FRPT adapter; defaults are the paper's choices, the code's are options (docs/methods.md, FRPT).
 
     Two trainable parts on a frozen ViT:
 
@@ -147,14 +147,13 @@ class FRPTConfig(PromptedConfig):
         if self.parser_kernel is None:
             self.parser_kernel = 2 * (token_grid_width // 2) + 1
 
-    def prompt_schedule(self, num_layers: int) -> list[PromptStep]:
-        # FRPT adds no tokens; this only validates the parser's block index against the real depth.
+    def check_depth(self, num_layers: int) -> None:
+        # FRPT adds no tokens; only the parser's block index depends on the depth.
         if self.parser_block > num_layers:
             raise ValueError(
                 f"parser_block={self.parser_block} reaches past the backbone's last block (it has {num_layers} "
                 f"blocks; use 0..{num_layers})."
             )
-        return [PromptStep()] * num_layers
 
 
 def _check_choice(name: str, value, choices: tuple) -> None:

@@ -1,4 +1,4 @@
-"""CAH, the category-specific awareness head (methods.md §4.2 Eq. (7)-(9), on tokens as in §4.7).
+"""CAH, the category-specific awareness head (docs/methods.md, FRPT Eq. (7)-(9), on tokens).
 
 ``M_R = W_C ⊙ M + (1 - W_C) ⊙ IN(M)`` with ``W_C = sigmoid(W_L · ReLU(W_F · mean_tokens(M)))``: per channel, the
 attention decides how much of the raw token to keep and how much of its instance-normalised version, which removes

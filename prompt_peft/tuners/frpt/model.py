@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...backbones import SUPPORTED_MODELS, BackboneSpec
-from ..prompted import _HEAD_PATH_ATTR, EmbeddingHead, PromptedLayer, PromptedTuner
+from ...backbones import BackboneSpec
+from ...losses import ClassifierCrossEntropy, ProxyAnchorLoss, WeightedSum
+from ..context import ForwardContext
+from ..prompted import Container, EmbeddingHead, PromptedLayer, PromptedTuner
 from .config import REFERENCE_IMAGE_SIZE, FRPTConfig
 from .head import ChannelAttentionHead
 from .sampler import gaussian_kernel, resample, sampling_grid
@@ -42,17 +43,7 @@ class FRPTLayout:
 
     @classmethod
     def from_spec(cls, spec: BackboneSpec) -> FRPTLayout:
-        base = SUPPORTED_MODELS[spec.model_class][1]
-
-        def path(rel: str) -> str:
-            return f"{base}.{rel}" if base else rel
-
-        if spec.family == "clip":
-            last_block = f"{spec.block_list}.{spec.num_layers - 1}"
-            return cls(path("embeddings"), last_block, pre_norm=path("pre_layrnorm"), final_norm=path("post_layernorm"))
-        if spec.family == "siglip":  # the pooling head sees the normalised tokens; read them before it
-            return cls(path("embeddings"), path("post_layernorm"))
-        return cls(path("embeddings"), spec.pool_module)  # the final LayerNorm over the whole sequence
+        return cls(spec.embeddings, spec.tokens_module, pre_norm=spec.pre_norm, final_norm=spec.tokens_norm)
 
 
 class FRPTLayer(PromptedLayer):
@@ -113,8 +104,12 @@ class PixelPrompt(nn.Module, FRPTLayer):
     ``grid_sample``, not through the frozen early pass.
     """
 
-    adapter_layer_names = ("frpt_parser", "frpt_gaussian")
-    other_param_names = ("frpt_gaussian_fixed", "dpp_config")
+    containers = {
+        "parser": Container("modules", "pixel_prompt"),
+        "gaussian": Container("parameters", "pixel_prompt"),  # only with train_gaussian
+        "gaussian_fixed": Container("transient_buffers", "pixel_prompt"),  # rebuilt from the config, not saved
+    }
+    plain_dicts = ("dpp_config",)
 
     def __init__(
         self,
@@ -128,10 +123,6 @@ class PixelPrompt(nn.Module, FRPTLayer):
         super().__init__()
         self._init_wrapper(base_layer)
         self.spec = spec
-        self.frpt_parser = nn.ModuleDict()
-        self.frpt_gaussian = nn.ParameterDict()  # only with train_gaussian
-        self.frpt_gaussian_fixed = BufferDict(persistent=False)  # rebuilt from the config, not saved
-        self.dpp_config: dict[str, FRPTConfig] = {}
         self._backbone = {"blocks": blocks, "pre_norm": pre_norm}  # plain dict: references, not submodules
         self.update_layer(adapter_name, config)
 
@@ -227,14 +218,12 @@ class FRPTHead(EmbeddingHead, FRPTLayer):
     """
 
     prefix = "frpt_"
-    extra_adapter_layers = ("cah", "classifier")
-    training_only_suffixes = ("proxies", "classifier")
+    containers = {"cah": Container("modules", "head"), "classifier": Container("modules", "classifier")}
 
     def __init__(self, base_layer, adapter_name: str, config: FRPTConfig, spec: BackboneSpec, final_norm=None):
         super().__init__(base_layer, adapter_name, config, spec)
         self.num_prefix_tokens = spec.num_prefix_tokens
         self._final_norm = {"module": final_norm}  # plain dict: a reference to a backbone module
-        self._features: torch.Tensor | None = None
 
     @property
     def cah(self) -> nn.ModuleDict:
@@ -254,16 +243,12 @@ class FRPTHead(EmbeddingHead, FRPTLayer):
             self.classifier[adapter_name] = nn.Linear(self.hidden_size, config.num_classes, device=device)
         self.set_adapter(self.active_adapters)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        out = self.base_layer(x, *args, **kwargs)
-        adapter = self.running_adapter()
-        if adapter is not None:
-            tokens = out[0] if isinstance(out, tuple) else out
-            if self._final_norm["module"] is not None:
-                tokens = self._final_norm["module"](tokens)
-            self._features = self.category_feature(adapter, tokens)
-            self._embeddings = self.embed(adapter, self._features)
-        return out
+    def collect(self, adapter: str, context: ForwardContext, out: Any) -> None:
+        tokens = out[0] if isinstance(out, tuple) else out
+        if self._final_norm["module"] is not None:
+            tokens = self._final_norm["module"](tokens)
+        context.features = self.category_feature(adapter, tokens)
+        context.embeddings = self.embed(adapter, context.features)
 
     def category_feature(self, adapter: str, tokens: torch.Tensor) -> torch.Tensor:
         """CAH's pooled feature ``g`` ``(B, D)`` (float32) from the final normalised tokens ``(B, T, D)``."""
@@ -274,23 +259,10 @@ class FRPTHead(EmbeddingHead, FRPTLayer):
             return cah(patches, extra=tokens[:, :1])[:, 0]
         return cah(patches).mean(dim=1)
 
-    def take_embeddings(self) -> torch.Tensor | None:
-        if self._labels is None:  # no loss this time: drop the feature (and its graph) now
-            self._features = None
-        return super().take_embeddings()
-
-    def loss(self, adapter: str, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        config: FRPTConfig = self.head_config[adapter]
-        features, self._features = self._features, None
-        total = embeddings.new_zeros(())
-        if config.proxy_loss_weight:
-            total = total + config.proxy_loss_weight * super().loss(adapter, embeddings, labels)
-        if config.ce_loss_weight:
-            logits = self.classifier[adapter](features)
-            total = total + config.ce_loss_weight * F.cross_entropy(
-                logits, labels, label_smoothing=config.label_smoothing
-            )
-        return total
+    def default_loss(self, config: FRPTConfig) -> WeightedSum:
+        proxy_anchor = ProxyAnchorLoss(margin=config.proxy_margin, alpha=config.proxy_alpha)
+        cross_entropy = ClassifierCrossEntropy(label_smoothing=config.label_smoothing)
+        return WeightedSum([(config.proxy_loss_weight, proxy_anchor), (config.ce_loss_weight, cross_entropy)])
 
 
 # ---------------------------------------------------------------------------------------------------- tuner
@@ -301,7 +273,6 @@ class FRPTModel(PromptedTuner):
 
     prefix = "frpt_"
     tuner_layer_cls = FRPTLayer
-    head_cls = FRPTHead
 
     def _pre_injection_hook(self, model: nn.Module, config: FRPTConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
@@ -315,7 +286,6 @@ class FRPTModel(PromptedTuner):
 
     def _prepare_adapter_config(self, peft_config: FRPTConfig, model_config: dict) -> FRPTConfig:
         peft_config = super()._prepare_adapter_config(peft_config, model_config)
-        peft_config.target_modules = [self.layout.embeddings, self.layout.head]
         # DINOv2 configs record the 518 px pre-training size; retrieval runs at 224 px (its processor's crop).
         peft_config.resolve_parser_kernel(min(self.spec.image_size, REFERENCE_IMAGE_SIZE) // self.spec.patch_size)
         if peft_config.pooling is None:  # the [CLS] head keeps CAH's instance-norm branch (config.py, pooling)
@@ -328,30 +298,17 @@ class FRPTModel(PromptedTuner):
             )
         return peft_config
 
-    def _create_and_replace(
-        self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
-    ) -> None:
-        if isinstance(target, FRPTLayer):
-            target.update_layer(adapter_name, peft_config)
-            return
-        if current_key == self.layout.embeddings:
-            parts = self._backbone_parts
-            new_module = PixelPrompt(target, adapter_name, peft_config, self.spec, parts["blocks"], parts["pre_norm"])
-        elif current_key == self.layout.head:
-            new_module = FRPTHead(
-                target, adapter_name, peft_config, self.spec, final_norm=self._backbone_parts["final_norm"]
-            )
-        else:  # target_modules is ours; anything else means it was edited by hand
-            raise ValueError(
-                f"FRPT does not wrap {current_key!r}; it wraps {self.layout.embeddings!r} and {self.layout.head!r} only"
-            )
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _target_paths(self) -> list[str]:
+        return [self.layout.embeddings, self.layout.head]
 
-    def _post_injection_hook(self, model: nn.Module, config: FRPTConfig, adapter_name: str) -> None:
-        super()._post_injection_hook(model, config, adapter_name)
-        setattr(model, _HEAD_PATH_ATTR, self.layout.head)  # FRPT's head is not always the pooled-token module
+    def _head_path(self) -> str:
+        return self.layout.head  # not always the pooled-token module
+
+    def _wrap(self, target, target_name, current_key, adapter_name, config) -> nn.Module:
+        parts = self._backbone_parts
+        if current_key == self.layout.embeddings:
+            return PixelPrompt(target, adapter_name, config, self.spec, parts["blocks"], parts["pre_norm"])
+        return FRPTHead(target, adapter_name, config, self.spec, final_norm=parts["final_norm"])
 
     def _check_merge_allowed(self):
         raise ValueError(
@@ -363,6 +320,15 @@ class FRPTModel(PromptedTuner):
 
     def _pixel_prompt(self) -> PixelPrompt:
         return self.model.get_submodule(self.layout.embeddings)
+
+    def transformed_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """:meth:`resample_images`, in evaluation mode (no prompt dropout or sampling noise)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.resample_images(pixel_values)
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def resample_images(self, pixel_values: torch.Tensor, adapter_name: str | None = None, **kwargs) -> torch.Tensor:

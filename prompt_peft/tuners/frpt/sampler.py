@@ -1,4 +1,4 @@
-"""DPP's saliency-driven sampler (methods.md §4.2 Eq. (3)-(6), in the released code's form, §4.3).
+"""DPP's saliency-driven sampler (docs/methods.md, FRPT Eq. (3)-(6), in the released code's form).
 
 Each output cell of a ``g × g`` grid looks up the input at the saliency-weighted mean position of its
 neighbourhood, the weights being the saliency times a Gaussian distance kernel. Salient regions attract many

@@ -1,4 +1,4 @@
-"""VPTSP-G: Learning Semantic Proxies from Visual Prompts (Ren et al., ICLR 2024; methods.md §3).
+"""VPTSP-G: Learning Semantic Proxies from Visual Prompts (Ren et al., ICLR 2024; docs/methods.md, VPTSP-G).
 
 Modules: ``config`` (:class:`SemanticProxyVPTConfig`), ``proxies`` (GRU-ReLU cell, EMA, per-class integration,
 mixing), ``model`` (block and head wrappers, BitFit deltas, the two-pass training forward, the tuner)::
@@ -7,7 +7,7 @@ mixing), ``model`` (block and head wrappers, BitFit deltas, the two-pass trainin
     out = model(pixel_values=x, labels=y)   # sample branch embeddings + Proxy-Anchor loss (proxy branch inside)
     model.eval(); model(pixel_values=x).embeddings   # inference: the sample branch only
 
-Paper vs released code (defaults follow the code, methods.md §3.11): proxy-branch prompts
+Paper vs released code (defaults follow the code, docs/methods.md, VPTSP-G): proxy-branch prompts
 ``class_prompt_mode`` ('class_only' = code, 'shared_and_class' = paper); Proxy-Anchor positive term
 ``positive_normalisation`` ('all' = code, 'with_positives' = paper); GRU gate convention of the code
 (``h' = (1 - z) n + z h``); integration 'gru' (VPTSP-G) or 'ema' (VPTSP-M, the code's ``keep * P + (1 - keep) q``).

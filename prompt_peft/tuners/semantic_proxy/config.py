@@ -1,11 +1,11 @@
-"""SemanticProxyVPTConfig: VPTSP-G, semantic proxies from class-specific visual prompts (methods.md §3)."""
+"""SemanticProxyVPTConfig: VPTSP-G, semantic proxies from class-specific visual prompts (docs/methods.md, VPTSP-G)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ...registry import add_peft_type
-from ..prompted import PromptedConfig, PromptStep, _check_positive
+from ..prompted import PromptStep, TokenPromptConfig, _check_positive
 
 CLASS_PROMPT_MODES = ("class_only", "shared_and_class")
 INTEGRATIONS = ("gru", "ema")
@@ -13,8 +13,8 @@ POSITIVE_NORMALISATIONS = ("all", "with_positives")
 
 
 @dataclass
-class SemanticProxyVPTConfig(PromptedConfig):
-    """Configuration of a VPTSP-G adapter (Ren et al., ICLR 2024). Defaults: the released code (methods.md §3.11).
+class SemanticProxyVPTConfig(TokenPromptConfig):
+    """Configuration of a VPTSP-G adapter (Ren et al., ICLR 2024). Defaults: the released code (docs/methods.md, VPTSP-G).
 
     Two branches through the same frozen ViT (sharing the BitFit bias deltas):
 
@@ -51,7 +51,7 @@ class SemanticProxyVPTConfig(PromptedConfig):
     class_prompt_mode: str = field(
         default="class_only",
         metadata={
-            "help": "Proxy-branch prompts: 'class_only' (released code) or 'shared_and_class' (paper §4.2: class "
+            "help": "Proxy-branch prompts: 'class_only' (released code) or 'shared_and_class' (paper : class "
             "prompts appended to the shared ones)."
         },
     )

@@ -1,4 +1,4 @@
-"""Semantic proxies: integrating per-sample candidates into a running proxy per class (methods.md §3.4).
+"""Semantic proxies: integrating per-sample candidates into a running proxy per class (docs/methods.md, VPTSP-G).
 
 Pure tensor code, independent of the backbone: the GRU-ReLU cell (VPTSP-G), the EMA update (VPTSP-M), the
 per-class sequential integration over a batch, and the mix with the learnable proxy bias.
@@ -6,9 +6,13 @@ per-class sequential integration over a batch, and the mix with the learnable pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...losses import LossInputs, ProxyAnchorLoss
 
 
 class SemanticGRUCell(nn.Module):
@@ -87,3 +91,31 @@ def integrate_ema(proxies: torch.Tensor, candidates: torch.Tensor, labels: torch
 def mix_proxies(proxy_bias: torch.Tensor, semantic: torch.Tensor, ratio: float) -> torch.Tensor:
     """The loss's proxies (Eq. 8): ``ratio * proxy_bias + (1 - ratio) * semantic`` (normalised inside the loss)."""
     return ratio * proxy_bias + (1 - ratio) * semantic.to(proxy_bias.dtype)
+
+
+@dataclass
+class SemanticProxyAnchorLoss(ProxyAnchorLoss):
+    """VPTSP-G's loss object: fold the proxy branch's candidates (if any) into the head's semantic proxies, then
+    Proxy-Anchor against ``mix_proxies(proxy bias, semantic proxies, proxy_bias_ratio)``.
+
+    The head provides ``proxies[adapter]`` (the bias), ``semantic_proxies(adapter)`` and
+    ``update_semantic_proxies(adapter, candidates, labels)`` (which also stores the new table).
+    """
+
+    proxy_bias_ratio: float = 0.1
+    center_proxies: bool = True
+
+    def __call__(self, inputs: LossInputs, head, adapter: str) -> torch.Tensor:
+        semantic = None
+        if inputs.candidates is not None:
+            labels = inputs.candidate_labels.to(inputs.candidates.device)
+            semantic = head.update_semantic_proxies(adapter, inputs.candidates, labels)
+        return self.on_proxies(inputs, self.loss_proxies(head, adapter, semantic))
+
+    def loss_proxies(self, head, adapter: str, semantic: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixed proxies (Eq. 8), minus their mean over classes when ``center_proxies`` (the class-independent
+        part carries no class information; only Proxy-Anchor's negative term would act on it, pushing every
+        embedding away from every proxy). ``semantic`` defaults to the head's stored running proxies."""
+        semantic = head.semantic_proxies(adapter) if semantic is None else semantic
+        proxies = mix_proxies(head.proxies[adapter], semantic, self.proxy_bias_ratio)
+        return proxies - proxies.mean(dim=0, keepdim=True) if self.center_proxies else proxies

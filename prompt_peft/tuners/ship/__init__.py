@@ -1,4 +1,4 @@
-"""SHIP: Semantic Hierarchical Prompt tuning (Zhu et al., ICASSP 2025; methods.md §2) on the shared prompt mechanism.
+"""SHIP: Semantic Hierarchical Prompt tuning (Zhu et al., ICASSP 2025; docs/methods.md, SHIP) on the shared prompt mechanism.
 
 Modules: ``config`` (:class:`SHIPConfig` and the per-block token plan), ``hierarchy`` (levels and prototypes from
 the frozen backbone), ``attention`` (the decoupled attention as a transformers attention implementation),

@@ -1,4 +1,4 @@
-"""SHIP's decoupled attention (methods.md §2.5) as a transformers attention implementation.
+"""SHIP's decoupled attention (docs/methods.md, SHIP) as a transformers attention implementation.
 
 With ``T`` image tokens followed by prompt tokens, per head::
 
@@ -89,7 +89,7 @@ def decoupled_attention(
     if n_prompts:
         if call.prompts_query:
             prompt_out, _ = base(module, q_prompt, key, value, None, **kwargs)
-        else:  # no attention for prompts: the output projection sees their normed input h_p (§2.5)
+        else:  # no attention for prompts: the output projection sees their normed input h_p ()
             prompt_out = hidden[:, T:].reshape(batch, n_prompts, heads, head_dim).to(out.dtype)
         out = torch.cat([out, prompt_out], dim=1)
     call.scores = query_scores(q_image, k_image, call.query_token, kwargs.get("scaling"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...registry import add_peft_type
-from ..prompted import PromptedConfig, PromptStep, _check_positive
+from ..prompted import PromptStep, TokenPromptConfig, _check_positive
 
 PROMPT_QUERY_MODES = ("last", "all", "none")
 HIERARCHY_FEATURES = ("cls", "mean")
@@ -43,8 +43,8 @@ class LayerPlan:
 
 
 @dataclass
-class SHIPConfig(PromptedConfig):
-    """Configuration of a SHIP adapter (methods.md §2); defaults are the paper's code unless noted.
+class SHIPConfig(TokenPromptConfig):
+    """Configuration of a SHIP adapter (docs/methods.md, SHIP); defaults are the paper's code unless noted.
 
     The frozen backbone's blocks are grouped into *semantic levels* (contiguous blocks whose features are
     similar). Each level gets its own prompt (``level_prompt_tokens`` tokens, inserted at the level's first
@@ -230,7 +230,7 @@ class SHIPConfig(PromptedConfig):
         return [plan.step for plan in plans] if plans is not None else [PromptStep()] * num_layers
 
     def num_prompt_parameters(self, hidden_size: int) -> int:
-        """Trainable prompt parameters, methods.md §2.3 without the classifier: ``M·K·D + S·D + n_a·A·D``."""
+        """Trainable prompt parameters, docs/methods.md, SHIP without the classifier: ``M·K·D + S·D + n_a·A·D``."""
         if self.levels is None:
             return 0
         return hidden_size * (

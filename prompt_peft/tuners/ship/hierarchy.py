@@ -1,4 +1,4 @@
-"""SHIP's offline statistics from the frozen backbone (methods.md §2.2): semantic levels and attribute prototypes.
+"""SHIP's offline statistics from the frozen backbone (docs/methods.md, SHIP): semantic levels and attribute prototypes.
 
 Pure functions, in the order they are used:
 
@@ -242,7 +242,7 @@ def fit_hierarchy(
     prototype_images: int = 1000,
     seed: int = 42,
 ) -> SemanticHierarchy:
-    """Semantic levels and attribute prototypes of a frozen backbone on training data (methods.md §2.2).
+    """Semantic levels and attribute prototypes of a frozen backbone on training data (docs/methods.md, SHIP).
 
     ``num_prototypes=None`` skips k-means (SHIP without attribute prompts). The prototypes are the mean
     last-block features of the k-means clusters of at most ``prototype_images`` randomly sampled images.

@@ -1,5 +1,5 @@
 """The SHIP tuner: the shared prompt mechanism with semantic levels, attribute prompts, decoupled attention and
-the prompt matching loss (methods.md §2).
+the prompt matching loss (docs/methods.md, SHIP).
 
 Where the parameters live (all in block wrappers, so transformers' ``load_adapter`` works too):
 
@@ -24,14 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..prompted import (
-    EmbeddingHead,
-    PromptedBlock,
-    PromptedLayer,
-    PromptedTuner,
-    PromptStep,
-    _refuse_attention_mask,
-)
+from ..context import ForwardContext
+from ..prompted import Container, EmbeddingHead, PromptedBlock, PromptedLayer, PromptStep, TokenPromptTuner
 from . import attention as ship_attention
 from .config import LayerPlan, SHIPConfig, check_levels
 from .hierarchy import SemanticHierarchy, fit_hierarchy
@@ -49,19 +43,17 @@ class Links:
     shared: nn.ParameterDict  # block 0's shared prompt
     level: nn.ParameterDict  # the level prompt of this block's level
     prototypes: Optional[nn.Module]  # the prototype bank (a BufferDict), if the adapter has attribute prompts
-    previous: Optional["SHIPBlock"]  # block i-1, whose [CLS] scores build this block's attribute prompt
 
 
 class SHIPBlock(PromptedBlock):
     prefix = "ship_"
-    extra_adapter_layers = ("shared_prompt", "attribute_prompt")
-    extra_buffers = ("prototypes", "matching_steps")
-    extra_other_param_names = ("ship_plan", "ship_config", "ship_links", "ship_bank_ready")
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SHIPConfig, index: int, spec):
-        super().__init__(base_layer, adapter_name, config, index, spec)
-        self._scores: Optional[torch.Tensor] = None  # this forward's [CLS] scores, for the next block
-        self._auxiliary: Optional[torch.Tensor] = None  # this forward's weighted matching loss (last block)
+    containers = {
+        "shared_prompt": Container("parameters", "prompt"),
+        "attribute_prompt": Container("parameters", "prompt"),
+        "prototypes": Container("buffers", "state"),
+        "matching_steps": Container("buffers", "training_state"),
+    }
+    plain_dicts = ("ship_plan", "ship_config", "ship_links", "ship_bank_ready")
 
     # -- containers -----------------------------------------------------------------------------------------
 
@@ -73,18 +65,16 @@ class SHIPBlock(PromptedBlock):
     def attribute_prompts(self) -> nn.ParameterDict:
         return self.ship_attribute_prompt
 
-    def update_layer(self, adapter_name: str, config: SHIPConfig) -> None:
+    def create_adapter_tensors(self, adapter_name: str, config: SHIPConfig, step: PromptStep) -> None:
         """(Re)create this block's tensors for ``adapter_name`` from the config's plan (nothing until fitted)."""
         plans = config.layer_plans(self.num_layers)
         plan = plans[self.index] if plans is not None else None
         self.ship_plan[adapter_name] = plan
         self.ship_config[adapter_name] = config
-        self.prompt_step[adapter_name] = plan.step if plan is not None else PromptStep()
-        self.prompt_dropout[adapter_name] = config.prompt_dropout
         D = self.hidden_size
         K, S, A = config.level_prompt_tokens, config.shared_prompt_tokens, config.attribute_prompt_tokens
         fitted = plan is not None
-        # The official initialisations as explicit bounds (methods.md §2.3): xavier_uniform on (1, K, D),
+        # The official initialisations as explicit bounds (docs/methods.md, SHIP): xavier_uniform on (1, K, D),
         # kaiming_uniform on (S, D) and on (n_a, A, D).
         level = fitted and plan.level_start
         shared = fitted and self.index == 0 and S > 0
@@ -105,31 +95,55 @@ class SHIPBlock(PromptedBlock):
             self.ship_matching_steps[adapter_name] = torch.zeros((), dtype=torch.long, device=self._base_device())
         elif not counts_steps and adapter_name in self.ship_matching_steps:
             del self.ship_matching_steps[adapter_name]
-        self.set_adapter(self.active_adapters)
 
     def _uniform(self, n: int, bound: float) -> nn.Parameter:
         # float32 like the embedding head; forward casts to the hidden dtype.
         prompt = torch.empty(n, self.hidden_size, device=self._base_device())
         return nn.Parameter(nn.init.uniform_(prompt, -bound, bound))
 
-    # -- forward --------------------------------------------------------------------------------------------
+    # -- the template's steps ---------------------------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter = self._running_adapter(self.prompt_step)
-        if adapter is None:
-            return self.base_layer(hidden_states, *args, **kwargs)
+    def _plan(self, adapter: str) -> LayerPlan:
         plan: Optional[LayerPlan] = self.ship_plan[adapter]
         if plan is None:
             raise RuntimeError(_UNFITTED)
-        _refuse_attention_mask(args, kwargs)
+        return plan
+
+    def _num_image(self, plan: LayerPlan, num_tokens: int, after_new: bool) -> int:
+        # tokens = image + (carried - drop) [+ new]: drop has run before make_prompts
+        return num_tokens - (plan.carried - plan.step.drop) - (plan.step.new if after_new else 0)
+
+    def make_prompts(self, adapter: str, context: ForwardContext, hidden_states: torch.Tensor):
+        """``[attribute? | level? | shared]`` for this block, ``(B, new, D)`` in the hidden dtype."""
+        plan = self._plan(adapter)
+        if not plan.step.new:
+            return None
         config: SHIPConfig = self.ship_config[adapter]
-        num_image = hidden_states.shape[1] - plan.carried
-        if plan.step.new:
-            fresh = self._fresh_prompts(adapter, config, plan, hidden_states[:, :num_image])
-            kept = hidden_states[:, : -plan.step.drop] if plan.step.drop else hidden_states
-            hidden_states = torch.cat([kept, fresh], dim=1)
-        elif plan.step.drop:
-            hidden_states = hidden_states[:, : -plan.step.drop]
+        links: Links = self.ship_links[adapter]
+        image = hidden_states[:, : self._num_image(plan, hidden_states.shape[1], after_new=False)]
+        batch, dtype = image.shape[0], image.dtype
+        parts = []
+        if plan.attribute is not None:
+            scores = context.scores.pop(self.index - 1, None)
+            if scores is None:
+                raise RuntimeError(
+                    "SHIP's attribute prompt needs the previous block's [CLS] scores of this forward: call the whole "
+                    "model, not one block on its own."
+                )
+            parts.append(self._attribute_prompt(adapter, config, links, image, scores))
+        if plan.insert_level:
+            parts.append(links.level[adapter].expand(batch, -1, -1))
+        if config.shared_prompt_tokens:
+            parts.append(links.shared[adapter].expand(batch, -1, -1))
+        fresh = torch.cat([part.to(dtype) for part in parts], dim=1)
+        return F.dropout(fresh, p=self.prompt_dropout[adapter], training=self.training)
+
+    def run_block(self, adapter: str, context: ForwardContext, hidden_states: torch.Tensor, *args, **kwargs):
+        """The block with SHIP's decoupled attention; leaves the [CLS] scores for the next block and, in the last
+        block, the prompt matching loss in the context."""
+        plan = self._plan(adapter)
+        config: SHIPConfig = self.ship_config[adapter]
+        num_image = self._num_image(plan, hidden_states.shape[1], after_new=True)
         call = ship_attention.DecoupledCall(
             num_image_tokens=num_image,
             weight=config.decoupled_weight,
@@ -143,30 +157,17 @@ class SHIPBlock(PromptedBlock):
                 f"the adapter was added (config._attn_implementation={self._attention_implementation()!r}). Keep the "
                 "implementation SHIP set, or re-create the adapter."
             )
-        self._scores = call.scores if plan.keep_scores else None
+        if plan.keep_scores:
+            context.scores[self.index] = call.scores
         if plan.last:
-            self._auxiliary = self._matching_loss(adapter, config, out, num_image, call.scores)
-            out = out[:, :num_image]
+            matching = self._matching_loss(adapter, config, out, num_image, call.scores)
+            if matching is not None:
+                context.auxiliary.append(matching)
         return out
 
     def _attention_implementation(self) -> Optional[str]:
         attention = ship_attention.find_attention(self.base_layer)
         return getattr(getattr(attention, "config", None), "_attn_implementation", None)
-
-    def _fresh_prompts(self, adapter: str, config: SHIPConfig, plan: LayerPlan, image: torch.Tensor) -> torch.Tensor:
-        """``[attribute? | level? | shared]`` for this block, ``(B, new, D)`` in the hidden dtype."""
-        links: Links = self.ship_links[adapter]
-        batch, dtype = image.shape[0], image.dtype
-        parts = []
-        if plan.attribute is not None:
-            scores, links.previous._scores = links.previous._scores, None
-            parts.append(self._attribute_prompt(adapter, config, links, image, scores))
-        if plan.insert_level:
-            parts.append(links.level[adapter].expand(batch, -1, -1))
-        if config.shared_prompt_tokens:
-            parts.append(links.shared[adapter].expand(batch, -1, -1))
-        fresh = torch.cat([part.to(dtype) for part in parts], dim=1)
-        return F.dropout(fresh, p=self.prompt_dropout[adapter], training=self.training)
 
     def _attribute_prompt(self, adapter, config: SHIPConfig, links: Links, image, scores) -> torch.Tensor:
         """Eq. (4): ``mix · softmax(cos(z, bank)) @ bank + (1 - mix) · learned``, ``z`` the top-A scored tokens."""
@@ -198,10 +199,6 @@ class SHIPBlock(PromptedBlock):
         cosine = F.normalize(prompts, dim=-1) @ F.normalize(targets, dim=-1).transpose(1, 2)  # (B, N_p, k)
         return config.matching_loss_weight * (1 - cosine).min(dim=-1).values.mean()
 
-    def take_auxiliary_loss(self) -> Optional[torch.Tensor]:
-        loss, self._auxiliary = self._auxiliary, None
-        return loss
-
 
 def _top_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int, name: str) -> torch.Tensor:
     """The ``k`` tokens with the highest scores, per image: ``(B, T, D), (B, T) -> (B, k, D)``."""
@@ -222,7 +219,7 @@ class SHIPHead(EmbeddingHead):
     prefix = "ship_"
 
 
-class SHIPModel(PromptedTuner):
+class SHIPModel(TokenPromptTuner):
     """peft tuner for :class:`SHIPConfig` (created by ``get_peft_model``; not used directly).
 
     Besides peft's API it offers :meth:`fit_hierarchy` and :meth:`apply_hierarchy`, reachable from the
@@ -258,7 +255,6 @@ class SHIPModel(PromptedTuner):
                 shared=blocks[0].shared_prompts,
                 level=blocks[config.levels[plans[i].level]].prompts,
                 prototypes=bank_owner.ship_prototypes if bank_owner is not None else None,
-                previous=blocks[i - 1] if i else None,
             )
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
@@ -269,6 +265,12 @@ class SHIPModel(PromptedTuner):
         return model
 
     # -- semantic hierarchy -----------------------------------------------------------------------------------
+
+    def fit_to_data(self, dataloader: Iterable, adapter_name: Optional[str] = None) -> Optional[str]:
+        """:meth:`fit_hierarchy` (SHIP's data-dependent state)."""
+        adapter = adapter_name or self.active_adapters[0]
+        self.fit_hierarchy(dataloader, adapter)
+        return f"SHIP semantic levels {self.peft_config[adapter].levels}"
 
     def fit_hierarchy(
         self, dataloader: Iterable, adapter_name: Optional[str] = None, *, refit_levels: Optional[bool] = None

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...registry import add_peft_type
-from ..prompted import PromptedConfig, PromptStep, _check_positive
+from ..prompted import PromptStep, TokenPromptConfig, _check_positive
 
 
 @dataclass
-class VPTConfig(PromptedConfig):
+class VPTConfig(TokenPromptConfig):
     """Configuration of a VPT adapter.
 
     ``num_prompts`` learned tokens are appended to the token sequence of a frozen ViT. *Shallow* VPT inserts

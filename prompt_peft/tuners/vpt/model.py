@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..prompted import EmbeddingHead, PromptedBlock, PromptedTuner
+from ..prompted import EmbeddingHead, PromptedBlock, TokenPromptTuner
 from .config import VPTConfig
 
 
@@ -26,7 +26,7 @@ class VPTHead(EmbeddingHead):
     prefix = "vpt_"
 
 
-class VPTModel(PromptedTuner):
+class VPTModel(TokenPromptTuner):
     """peft tuner for :class:`VPTConfig` (created by ``get_peft_model``; not used directly)."""
 
     prefix = "vpt_"

@@ -1,0 +1,21 @@
+"""Every method on every tiny family gives the recorded embeddings, loss, gradients and buffers (see
+tests/golden_cases.py): a refactor that is meant to keep the numbers must keep them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from golden_cases import all_cases, run_case
+from safetensors.torch import load_file
+
+GOLDEN = load_file(str(Path(__file__).parent / "data" / "golden_outputs.safetensors"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("method,family", all_cases())
+def test_outputs_match_the_recorded_ones(method, family):
+    outputs = run_case(method, family)
+    recorded = {k.split("/", 2)[2]: v for k, v in GOLDEN.items() if k.startswith(f"{method}/{family}/")}
+    assert set(outputs) == set(recorded)
+    for key, value in outputs.items():
+        torch.testing.assert_close(value, recorded[key], rtol=1e-5, atol=1e-6, msg=f"{method}/{family}/{key}")
