@@ -82,6 +82,14 @@ ROWS = {
     "semantic_proxy": Row("SemanticProxyVPT", "semantic_proxy", {"bitfit": False}),
     "semantic_proxy_bitfit": Row("SemanticProxyVPT + BitFit", "semantic_proxy", {"bitfit": True}),
     "frpt": Row("FRPT", "frpt", {}),
+    # what users would pick instead, with the same head and loss (prompt_peft.backbone_tuning)
+    "bitfit": Row("BitFit (biases)", "vpt", {"num_prompts": 0}, {"backbone_lr": 1e-3, "backbone_tuning": "bias"}),
+    "lora": Row(
+        "LoRA (peft, q/k/v, rank 8)",
+        "vpt",
+        {"num_prompts": 0},
+        {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8},
+    ),
 }
 METRICS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
            ("map@r", "MAP@R"), ("r_precision", "R-Prec")]  # fmt: skip

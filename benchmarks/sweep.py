@@ -113,6 +113,8 @@ SPACES = {
         1e-3, length_key="num_prompts", lengths=(5, 30), train_args=(("m_per_class", 1),)
     ),
     "frpt": Space(1e-3),
+    "bitfit": Space(1e-3, lr_key="backbone_lr"),
+    "lora": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
 }
 
 
@@ -142,14 +144,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_command(args, name: str, values: dict, seed: int, out: Path, *, eval_test: bool) -> list[str]:
     """The ``train_dml.py`` job of row ``name`` with the searched ``values`` (lr, steps, length)."""
     preset, row, space = PRESETS[args.preset], ROWS[name], SPACES[name]
-    method_kwargs = dict(row.method_kwargs)
-    if space.length_key:
+    method_kwargs, length = dict(row.method_kwargs), {}
+    if space.length_key in method_kwargs:  # a prompt length; otherwise a training setting (LoRA's rank)
         method_kwargs[space.length_key] = values[space.length_key]
+    elif space.length_key:
+        length = {space.length_key: values[space.length_key]}
     settings = {
         **PROTOCOL,
         **{k: v for k, v in preset.items() if k != "base_steps" and v is not None},
         **row.train_args,
         **dict(space.train_args),
+        **length,
         space.lr_key: values[space.lr_key],
         "max_steps": values["steps"],
         "num_epochs": 10**6,  # max_steps decides
@@ -226,7 +231,7 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
     space, steps = SPACES[name], args.base_steps or PRESETS[args.preset]["base_steps"]
     start = {space.lr_key: space.lr, "steps": steps}
     if space.length_key:
-        start[space.length_key] = ROWS[name].method_kwargs[space.length_key]
+        start[space.length_key] = {**ROWS[name].train_args, **ROWS[name].method_kwargs}[space.length_key]
     trials: list[dict] = []
 
     def stage(label: str, candidates: list[dict], incumbent: dict | None) -> dict:
@@ -306,7 +311,7 @@ def _chosen_text(record: dict) -> str:
     if not chosen:
         return "-"
     short = {"learning_rate": "lr", "backbone_lr": "backbone lr", "num_prompts": "prompts",
-             "level_prompt_tokens": "level prompts", "steps": "steps"}  # fmt: skip
+             "level_prompt_tokens": "level prompts", "steps": "steps", "lora_rank": "rank"}  # fmt: skip
     return ", ".join(f"{short.get(k, k)} {v:g}" if isinstance(v, float) else f"{short.get(k, k)} {v}"
                      for k, v in chosen.items())  # fmt: skip
 

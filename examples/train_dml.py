@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
+from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
 from prompt_peft.hub import RetrievalResult, push_adapter_to_hub
 from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
@@ -120,6 +121,14 @@ class TrainArguments:
             "fine-tuned backbone is saved to <output_dir>/backbone). Default: the backbone stays frozen."
         },
     )
+    backbone_tuning: str = field(
+        default="all",
+        metadata={
+            "help": "With --backbone_lr, which backbone parameters train: 'all' (full fine-tuning), 'bias' (BitFit) "
+            "or 'lora' (peft's LoRA on the attention projections, --lora_rank)."
+        },
+    )
+    lora_rank: int = field(default=8, metadata={"help": "Rank of --backbone_tuning lora."})
     activation_checkpointing: bool = field(
         default=False,
         metadata={
@@ -160,7 +169,7 @@ def parse_args(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def build_model(model_args: ModelArguments, num_classes: int):
+def build_model(model_args: ModelArguments, num_classes: int, train_args: Optional[TrainArguments] = None):
     try:
         config = prompt_peft.method_config(
             model_args.method, model_args.method_kwargs, embedding_dim=model_args.embedding_dim, num_classes=num_classes
@@ -168,6 +177,8 @@ def build_model(model_args: ModelArguments, num_classes: int):
     except ValueError as error:
         raise SystemExit(f"--method / --method_kwargs: {error}") from None
     backbone = AutoModel.from_pretrained(model_args.backbone)
+    if train_args is not None and train_args.backbone_lr:
+        backbone = prepare_backbone(backbone, train_args.backbone_tuning, lora_rank=train_args.lora_rank)
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card
         model.peft_config["default"].base_model_name_or_path = model_args.base_model_hub_id
@@ -226,7 +237,7 @@ def run(argv=None):
     )
 
     # ---- model, optimiser, schedule
-    model = build_model(model_args, num_classes=len(label_map))
+    model = build_model(model_args, num_classes=len(label_map), train_args=train_args)
     # Data-dependent state from the frozen backbone (SHIP's levels), before the optimiser exists. Every process
     # reads the same unsharded, unshuffled train split; methods without such state never iterate the loader.
     fit_loader = DataLoader(
@@ -243,6 +254,7 @@ def run(argv=None):
         proxy_lr=train_args.proxy_lr,
         weight_decay=train_args.weight_decay,
         backbone_lr=train_args.backbone_lr,
+        backbone_params=backbone_parameter_filter(train_args.backbone_tuning),
     )
     if accelerator.is_main_process:
         model.print_trainable_parameters()
@@ -362,7 +374,9 @@ def run(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     parameters = unwrapped.base_model.get_parameter_counts()
     if train_args.backbone_lr:  # the fine-tuned backbone is part of what is trained, stored and run
-        backbone_size = unwrapped.base_model.backbone_parameter_count()
+        backbone_size = unwrapped.base_model.backbone_parameter_count(
+            backbone_parameter_filter(train_args.backbone_tuning)
+        )
         parameters = {k: v + backbone_size for k, v in parameters.items()}
     summary = {
         "method": model_args.method,
