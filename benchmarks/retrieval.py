@@ -116,31 +116,40 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train_command(args, row: Row, seed: int, out: Path) -> list[str]:
-    preset = PRESETS[args.preset]
+    settings = {**TRAINING, **PRESETS[args.preset], **row.train_args}
+    return train_job(args, row.method, row.method_kwargs, seed, out, settings)
+
+
+def train_job(args, method: str, method_kwargs: dict, seed: int, out: Path, settings: dict) -> list[str]:
+    """The ``train_dml.py`` command of one run: ``settings``, then the method, data, seed and output."""
     values = {
-        **TRAINING,
-        **preset,
-        **row.train_args,
-        "method": row.method,
-        "method_kwargs": json.dumps(row.method_kwargs),
+        **settings,
+        "method": method,
+        "method_kwargs": json.dumps(method_kwargs),
         "backbone": args.backbone,
         "dataset": args.dataset,
         "seed": seed,
         "output_dir": str(out),
         "resume_from_checkpoint": "latest",  # no-op on a fresh run; continues an interrupted one
     }
+    return script_command(TRAIN_SCRIPT, args, values) + shlex.split(args.extra_train_args)
+
+
+def script_command(script: Path, args, values: dict) -> list[str]:
+    """``python <script> --key value ...``, plus the data set location and count check of ``args``."""
     if args.data_root:
-        values["data_root"] = args.data_root
+        values = {**values, "data_root": args.data_root}
     if args.no_check_counts:
-        values["check_counts"] = "false"
-    command = [sys.executable, str(TRAIN_SCRIPT)]
+        values = {**values, "check_counts": "false"}
+    command = [sys.executable, str(script)]
     for key, value in values.items():
         command += [f"--{key}", str(value)]
-    return command + shlex.split(args.extra_train_args)
+    return command
 
 
-def eval_command(args, out: Path) -> list[str]:
-    preset = PRESETS[args.preset]
+def eval_command(args, out: Path, preset: dict | None = None) -> list[str]:
+    """The frozen row: ``examples/evaluate.py`` on the bare backbone (``preset`` defaults to ``args.preset``'s)."""
+    preset = preset or PRESETS[args.preset]
     command = [sys.executable, str(EVAL_SCRIPT), "--backbone", args.backbone, "--dataset", args.dataset]
     command += ["--image_size", str(preset["image_size"]), "--batch_size", str(preset["eval_batch_size"])]
     command += ["--num_workers", str(preset["num_workers"]), "--output", str(out / "results.json")]
@@ -192,19 +201,27 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
         "settings": {**PRESETS[args.preset], **(TRAINING if row.method else {}), **row.train_args},
         "method": row.method,
         "method_kwargs": row.method_kwargs,
-        "backbone": portable(args.backbone),
-        "dataset": args.dataset,
         "metrics": metrics,
         "parameters": params,
         "train_seconds": train_seconds,
+        **run_facts(args, command, eval_images, eval_seconds),
+    }
+    write_record(result_path, result)
+    return result
+
+
+def run_facts(args, command: list[str], eval_images: int, eval_seconds: float) -> dict:
+    """What every record says about its run besides the metrics: backbone, data set, inference speed, machine and
+    the command, all without this machine's paths."""
+    return {
+        "backbone": portable(args.backbone),
+        "dataset": args.dataset,
         # a tiny test set on a fast machine can evaluate within the clock's resolution
         "inference_images_per_second": round(eval_images / max(eval_seconds, 1e-3), 1),
         "machine": machine(),
         # the command with the machine's paths made relative, so the record is portable
         "command": " ".join(shlex.quote(portable(c)) for c in command),
     }
-    write_record(result_path, result)
-    return result
 
 
 def run_logged(command: list[str], out: Path, what: str) -> dict:
@@ -294,12 +311,18 @@ def main(argv=None) -> list[dict]:
         result = run_one(args, name, seed, path[(name, seed)])
         tqdm.write(f"{name} seed {seed}: R@1 {100 * result['metrics']['recall@1']:.2f} ({time.time() - start:.0f} s)")
 
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    if results:
-        table = render_table(results, args.preset)
-        (Path(args.results_dir) / f"retrieval-{args.preset}.md").write_text(table)
+    return rebuild_table(results_dir, render_table, Path(args.results_dir) / f"retrieval-{args.preset}.md", args.preset)
+
+
+def rebuild_table(records_dir: Path, render, table_path: Path, preset: str) -> list[dict]:
+    """Read every JSON record of ``records_dir``, write (and print) ``render(records, preset)`` to ``table_path``
+    when there are any; returns the records."""
+    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
+    if records:
+        table = render(records, preset)
+        table_path.write_text(table)
         print(table)
-    return results
+    return records
 
 
 if __name__ == "__main__":

@@ -45,15 +45,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when loaded by path
 from portable import portable  # noqa: E402
 from retrieval import (  # noqa: E402
-    EVAL_SCRIPT,
     METRICS,
     ROOT,
     ROWS,
-    TRAIN_SCRIPT,
     _count,
-    machine,
+    eval_command,
     mean_std,
+    rebuild_table,
+    run_facts,
     run_logged,
+    train_job,
     write_record,
 )
 
@@ -159,36 +160,16 @@ def train_command(args, name: str, values: dict, seed: int, out: Path, *, eval_t
         "max_steps": values["steps"],
         "num_epochs": 10**6,  # max_steps decides
         "eval_test": str(eval_test).lower(),
-        "method": row.method,
-        "method_kwargs": json.dumps(method_kwargs),
-        "backbone": args.backbone,
-        "dataset": args.dataset,
-        "seed": seed,
-        "output_dir": str(out),
-        "resume_from_checkpoint": "latest",  # no-op on a fresh run; continues an interrupted one
     }
-    if args.data_root:
-        settings["data_root"] = args.data_root
-    if args.no_check_counts:
-        settings["check_counts"] = "false"
-    command = [sys.executable, str(TRAIN_SCRIPT)]
-    for key, value in settings.items():
-        command += [f"--{key}", str(value)]
-    return command + shlex.split(args.extra_train_args)
+    return train_job(args, row.method, method_kwargs, seed, out, settings)
 
 
 def frozen_command(args, out: Path) -> list[str]:
+    """The bare backbone on the same (capped) test images as the final runs."""
     preset = PRESETS[args.preset]
-    command = [sys.executable, str(EVAL_SCRIPT), "--backbone", args.backbone, "--dataset", args.dataset]
-    command += ["--image_size", str(preset["image_size"]), "--batch_size", str(preset["eval_batch_size"])]
-    command += ["--num_workers", str(preset["num_workers"]), "--output", str(out / "results.json")]
-    command += ["--val_seed", str(PROTOCOL["val_seed"])]
+    command = eval_command(args, out, preset) + ["--val_seed", str(PROTOCOL["val_seed"])]
     if preset["eval_images_per_class"]:
         command += ["--eval_images_per_class", str(preset["eval_images_per_class"])]
-    if args.data_root:
-        command += ["--data_root", args.data_root]
-    if args.no_check_counts:
-        command.append("--no_check_counts")
     return command
 
 
@@ -283,15 +264,11 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         "search_trials": trials,
         "select_metric": args.select_metric,
         "method": ROWS[name].method,
-        "backbone": portable(args.backbone),
-        "dataset": args.dataset,
         "metrics": metrics,
         "validation_metrics": validation,
         "parameters": params,
         "train_seconds": train_seconds,
-        "inference_images_per_second": round(images / max(seconds, 1e-3), 1),
-        "machine": machine(),
-        "command": " ".join(shlex.quote(portable(c)) for c in command),
+        **run_facts(args, command, images, seconds),
     }
     write_record(path, record)
     print(f"{name} seed {seed}: test R@1 {100 * metrics['recall@1']:.2f} MAP@R {100 * metrics['map@r']:.2f}",
@@ -366,12 +343,7 @@ def main(argv=None) -> list[dict]:
         for seed in [] if args.search_only else args.seeds:
             for name, (values, trials) in chosen.items():
                 final_run(args, name, seed, values, len(trials))
-    records = [json.loads(p.read_text()) for p in sorted((base / "final").glob("*.json"))]
-    if records:
-        table = render_table(records, args.preset)
-        (Path(args.results_dir) / f"sweep-{args.preset}.md").write_text(table)
-        print(table)
-    return records
+    return rebuild_table(base / "final", render_table, Path(args.results_dir) / f"sweep-{args.preset}.md", args.preset)
 
 
 if __name__ == "__main__":

@@ -288,6 +288,20 @@ def run(argv=None):
         steps_per_epoch,
     )
     progress = tqdm(total=total_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
+
+    def evaluate(which):  # -> (metrics, embeddings, seconds)
+        start = time.time()
+        metrics, embedded = evaluate_retrieval(
+            model,
+            which,
+            eval_collate,
+            accelerator=accelerator,
+            batch_size=data_args.eval_batch_size,
+            num_workers=data_args.num_workers,
+            return_embeddings=True,
+        )
+        return metrics, embedded, time.time() - start
+
     metrics, embedded, eval_seconds, all_evals_seconds = None, None, None, 0.0
     for epoch in range(step // steps_per_epoch, num_epochs):
         model.train()
@@ -331,17 +345,7 @@ def run(argv=None):
                 break
         last_epoch = step >= total_steps or epoch == num_epochs - 1
         if last_epoch or (train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0):
-            eval_start = time.time()
-            metrics, embedded = evaluate_retrieval(
-                model,
-                select_splits,
-                eval_collate,
-                accelerator=accelerator,
-                batch_size=data_args.eval_batch_size,
-                num_workers=data_args.num_workers,
-                return_embeddings=True,
-            )
-            eval_seconds = time.time() - eval_start
+            metrics, embedded, eval_seconds = evaluate(select_splits)
             all_evals_seconds += eval_seconds
             history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
             logger.info(format_metrics(metrics, prefix=f"epoch {epoch + 1} step {step}"))
@@ -354,17 +358,7 @@ def run(argv=None):
     if VALIDATION in splits:  # the test classes, once, after every choice was made on the validation classes
         validation_metrics, metrics, embedded = metrics, None, None
         if data_args.eval_test:
-            eval_start = time.time()
-            metrics, embedded = evaluate_retrieval(
-                model,
-                eval_splits,
-                eval_collate,
-                accelerator=accelerator,
-                batch_size=data_args.eval_batch_size,
-                num_workers=data_args.num_workers,
-                return_embeddings=True,
-            )
-            eval_seconds = time.time() - eval_start
+            metrics, embedded, eval_seconds = evaluate(eval_splits)
             all_evals_seconds += eval_seconds
             logger.info(format_metrics(metrics, prefix="test"))
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)

@@ -66,14 +66,19 @@ def load_train_script():
     return module
 
 
-def test_bitfit_run_changes_only_the_backbone_biases(workspace, tmp_path):
-    summary = load_train_script().main([
+def train(workspace, output_dir, *extra):
+    """Two steps of the head alone (no prompts) plus the chosen backbone parameters."""
+    return load_train_script().main([
         "--backbone", str(workspace / "backbone"), "--dataset", "imagefolder", "--data_root",
-        str(workspace / "images"), "--output_dir", str(tmp_path), "--check_counts", "false", "--m_per_class", "2",
+        str(workspace / "images"), "--output_dir", str(output_dir), "--check_counts", "false", "--m_per_class", "2",
         "--batch_size", "4", "--eval_batch_size", "8", "--num_workers", "0", "--embedding_dim", "16",
         "--method_kwargs", '{"num_prompts": 0}', "--max_steps", "2", "--eval_every_epochs", "0",
-        "--backbone_lr", "0.01", "--backbone_tuning", "bias",
+        "--backbone_lr", "0.01", *extra,
     ])  # fmt: skip
+
+
+def test_bitfit_run_changes_only_the_backbone_biases(workspace, tmp_path):
+    summary = train(workspace, tmp_path, "--backbone_tuning", "bias")
     original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
     tuned = AutoModel.from_pretrained(tmp_path / "backbone").state_dict()
     changed = {k for k in original if not torch.equal(original[k], tuned[k])}
@@ -84,13 +89,7 @@ def test_bitfit_run_changes_only_the_backbone_biases(workspace, tmp_path):
 
 
 def test_lora_run_trains_the_lora_matrices_and_counts_them(workspace, tmp_path):
-    summary = load_train_script().main([
-        "--backbone", str(workspace / "backbone"), "--dataset", "imagefolder", "--data_root",
-        str(workspace / "images"), "--output_dir", str(tmp_path), "--check_counts", "false", "--m_per_class", "2",
-        "--batch_size", "4", "--eval_batch_size", "8", "--num_workers", "0", "--embedding_dim", "16",
-        "--method_kwargs", '{"num_prompts": 0}', "--max_steps", "2", "--eval_every_epochs", "0",
-        "--backbone_lr", "0.01", "--backbone_tuning", "lora", "--lora_rank", "2",
-    ])  # fmt: skip
+    summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2")
     backbone = AutoModel.from_pretrained(workspace / "backbone")
     layers, hidden = backbone.config.num_hidden_layers, backbone.config.hidden_size
     lora = layers * 3 * 2 * (2 * hidden)  # q, k, v: A (2 x D) and B (D x 2) each
