@@ -20,8 +20,13 @@ METHODS = {
     "vpt_shallow": lambda: prompt_peft.VPTConfig(num_prompts=3, deep=False, embedding_dim=EMB, num_classes=CLASSES),
     "vpt_deep": lambda: prompt_peft.VPTConfig(num_prompts=3, deep=True, embedding_dim=EMB, num_classes=CLASSES),
     "ship": lambda: prompt_peft.SHIPConfig(
-        levels=[0, 1, 2], level_prompt_tokens=3, shared_prompt_tokens=2, attribute_prompt_tokens=4,
-        num_prototypes=5, embedding_dim=EMB, num_classes=CLASSES,
+        levels=[0, 1, 2],
+        level_prompt_tokens=3,
+        shared_prompt_tokens=2,
+        attribute_prompt_tokens=4,
+        num_prototypes=5,
+        embedding_dim=EMB,
+        num_classes=CLASSES,
     ),
     "semantic_proxy": lambda: prompt_peft.SemanticProxyVPTConfig(
         num_prompts=3, num_class_prompts=2, bitfit=False, embedding_dim=EMB, num_classes=CLASSES,

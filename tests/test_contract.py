@@ -103,8 +103,16 @@ def test_two_adapters_switch_with_set_adapter(method, family):
 def _fresh_fields(model):
     # the same settings as "default", without what injection recorded into it
     config = model.peft_config["default"].to_dict()
-    for key in ("peft_type", "task_type", "target_modules", "base_model_name_or_path", "revision", "inference_mode",
-                "auto_mapping", "peft_version"):
+    for key in (
+        "peft_type",
+        "task_type",
+        "target_modules",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+    ):
         config.pop(key, None)
     return config
 

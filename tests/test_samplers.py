@@ -208,7 +208,7 @@ class Tiny(nn.Module):
         return (self.proj(x) @ self.vpt_proxies["default"].T).square().mean()
 
 model = Tiny()
-optimizer = build_optimizer(model, lr=0.1)
+optimizer = build_optimizer(model, lr=0.1, roles={id(model.vpt_proxies["default"]): "proxy"})
 scheduler = build_scheduler(optimizer, num_training_steps=6, warmup_steps=2, num_processes=acc.num_processes)
 model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
 lrs = []

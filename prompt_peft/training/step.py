@@ -59,7 +59,7 @@ def training_step(
     ``gather`` replaces the tuner's default gather point for this call (e.g. a global-batch gather under DDP).
     """
     outputs = model(pixel_values=pixel_values, labels=labels, **{LOSS_INPUTS_KWARG: True})
-    inputs = outputs["loss_inputs"] if not isinstance(outputs, tuple) else None
+    inputs = outputs.get("loss_inputs") if not isinstance(outputs, tuple) else None
     if inputs is None:
         raise ValueError("the model returned no loss inputs: is a prompt_peft adapter active, with num_classes set?")
     tuner = find_tuner(model)
