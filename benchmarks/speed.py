@@ -112,6 +112,21 @@ MODELS = {
         "ship_levels": [0, 1, 2],
     },
 }
+# The other backbone families at the ViT-S/16 shape (random weights): timm's ViT through TimmWrapperModel, DINOv3
+# (4 register tokens, rotary positions) and SigLIP 2 (NaFlex patch sequences, attention-pooling head); and their
+# tiny test shapes. FRPT re-samples images, which SigLIP 2's patch sequences do not have: no FRPT row there.
+for _family, _label, _skip in (
+    ("timm", "timm ViT-S/16 (TimmWrapperModel)", ()),
+    ("dinov3", "DINOv3 ViT-S/16", ()),
+    ("siglip2", "SigLIP 2 ViT-S/16-shaped", ("frpt",)),
+):
+    MODELS[f"{_family}-s16"] = {**MODELS["vit-s16"], "label": _label, "family": _family, "skip_rows": _skip}
+    MODELS[f"tiny-{_family}"] = {
+        **MODELS["tiny"],
+        "label": f"tiny {_family} (test shape)",
+        "family": _family,
+        "skip_rows": _skip,
+    }
 
 # Row key -> label. Every row is built by build_row(); full_ft is the baseline of the training ratios.
 ROWS = {
@@ -174,13 +189,35 @@ def log(message: str) -> None:
 
 
 def build_backbone(model_key: str, seed: int):
-    """The random-weight ``ViTModel`` of a shape (the same weights for the same seed)."""
-    from transformers import ViTConfig, ViTModel
+    """The random-weight backbone of a shape (the same weights for the same seed): ``ViTModel``, or the family's
+    model (``TimmWrapperModel``, ``DINOv3ViTModel``, ``Siglip2VisionModel``) with the same sizes."""
+    import transformers
 
     spec = MODELS[model_key]
-    config = ViTConfig(**spec["vit"], image_size=spec["image_size"], patch_size=spec["patch_size"])
+    shape, size, patch = spec["vit"], spec["image_size"], spec["patch_size"]
+    family = spec.get("family", "vit")
     torch.manual_seed(seed)
-    return ViTModel(config, add_pooling_layer=False)
+    if family == "vit":
+        config = transformers.ViTConfig(**shape, image_size=size, patch_size=patch)
+        return transformers.ViTModel(config, add_pooling_layer=False)
+    if family == "timm":
+        args = dict(
+            img_size=size,
+            patch_size=patch,
+            embed_dim=shape["hidden_size"],
+            depth=shape["num_hidden_layers"],
+            num_heads=shape["num_attention_heads"],
+            mlp_ratio=shape["intermediate_size"] / shape["hidden_size"],
+        )
+        config = transformers.TimmWrapperConfig(architecture="vit_small_patch16_224", model_args=args)
+        return transformers.TimmWrapperModel(config)
+    if family == "dinov3":
+        config = transformers.DINOv3ViTConfig(**shape, image_size=size, patch_size=patch, num_register_tokens=4)
+        return transformers.DINOv3ViTModel(config)
+    if family == "siglip2":
+        config = transformers.Siglip2VisionConfig(**shape, patch_size=patch, num_patches=(size // patch) ** 2)
+        return transformers.Siglip2VisionModel(config)
+    raise ValueError(f"unknown family {family!r}")
 
 
 def build_row(row: str, backbone, model_key: str, seed: int):
@@ -407,6 +444,7 @@ def measure_row(row: str, model_key: str, args) -> dict:
     """Memory, file size, load time and counts of one row, in the current process (a forked child on a CPU)."""
     import safetensors.torch
 
+    from prompt_peft import BackboneSpec
     from prompt_peft.training import build_optimizer
 
     _set_threads(args)
@@ -456,7 +494,7 @@ def measure_row(row: str, model_key: str, args) -> dict:
         model(pixel_values=pixels)
     result["infer_flops"] = counter.get_total_flops()
     with torch.inference_mode(), flop_counter() as counter, _autocast(device, args.dtype):
-        bare(pixel_values=pixels)
+        bare(**BackboneSpec.from_model(bare).model_inputs(bare, pixels))  # SigLIP 2: its patch sequences
     result["bare_infer_flops"] = counter.get_total_flops()
 
     # -- adapter file and load time -------------------------------------------------------------
@@ -509,6 +547,7 @@ def _load_adapter(backbone, path: Path, row: str, device: torch.device):
 def measure_speed(rows: list[str], model_key: str, args) -> dict:
     """Step times and inference images/s of every row, interleaved: each round runs one step of every row (in a
     rotating order), so a slow phase of the machine hits all rows alike; medians over the timed rounds."""
+    from prompt_peft import BackboneSpec
     from prompt_peft.training import build_optimizer
 
     _set_threads(args)
@@ -516,6 +555,7 @@ def measure_speed(rows: list[str], model_key: str, args) -> dict:
     pixels, labels = make_batch(model_key, args.batch_size, args.m_per_class, args.seed)
     pixels, labels = pixels.to(device), labels.to(device)
     bare = build_backbone(model_key, args.seed).to(device).eval()
+    bare_inputs = BackboneSpec.from_model(bare).model_inputs(bare, pixels)  # SigLIP 2: its patch sequences
     models, optimizers = {}, {}
     for row in rows:
         models[row] = build_row(row, build_backbone(model_key, args.seed), model_key, args.seed).to(device).train()
@@ -542,7 +582,7 @@ def measure_speed(rows: list[str], model_key: str, args) -> dict:
     with torch.inference_mode(), _autocast(device, args.dtype):
         for r in range(1 + args.infer_batches):  # round 0 is the warm-up
             for row in _rotated(rows, r):
-                bare_seconds = _timed(functools.partial(_bare_embed, bare, pixels), device)
+                bare_seconds = _timed(functools.partial(_bare_embed, bare, bare_inputs), device)
                 seconds = _timed(functools.partial(_embed, models[row], pixels), device)
                 if r:
                     bare_times[row].append(bare_seconds)
@@ -557,8 +597,8 @@ def measure_speed(rows: list[str], model_key: str, args) -> dict:
     }
 
 
-def _bare_embed(backbone, pixels):
-    return backbone(pixel_values=pixels).last_hidden_state[:, 0]
+def _bare_embed(backbone, inputs):
+    return backbone(**inputs).last_hidden_state[:, 0]
 
 
 def _embed(model, pixels):
@@ -783,7 +823,8 @@ def to_markdown(report: dict) -> str:
     )
     precision = "bf16 autocast" if args["dtype"] == "bf16" else "float32"
     setup = (
-        f"Setup: random-weight `ViTModel` (sdpa attention, no pooler), one seeded batch of {args['batch_size']} "
+        f"Setup: random-weight `ViTModel` (sdpa attention, no pooler; the timm, DINOv3 and SigLIP 2 shapes: that "
+        f"family's model), one seeded batch of {args['batch_size']} "
         f"images ({args['m_per_class']} per class), {precision}. Step = forward + loss + backward + AdamW step "
         "(`build_optimizer`, lr 1e-3) + `zero_grad`. All rows of a model run in one process, one step each per round "
         f"in a rotating order: {args['warmup']} warm-up round(s), then the median of {args['steps']} timed rounds. "
@@ -989,8 +1030,10 @@ def main(argv=None) -> int:
         "memory_definition": memory_definition(args.device, args.isolation),
     }
     report = {"meta": meta, "models": {}}
+    all_methods = args.methods
     for model_key in args.models:
         label = MODELS[model_key]["label"]
+        args.methods = [row for row in all_methods if row not in MODELS[model_key].get("skip_rows", ())]
         memory = {}
         for i, row in enumerate(args.methods):
             log(f"{label}: memory / file / load {i + 1}/{len(args.methods)}: {ROWS[row]}")

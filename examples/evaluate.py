@@ -6,7 +6,8 @@
 
 Prints R@1/2/4/8, MAP@R and R-Precision (percent) and writes them as JSON. The held-out split is searched
 against itself with each query excluded (or In-Shop's query split against its gallery). Images get the
-backbone's own preprocessing, at ``--image_size`` if given. Runs on several processes with
+backbone's own preprocessing; an adapter is evaluated with the resolution and preprocessing it was trained with
+(recorded in it) unless ``--image_size`` is given. Runs on several processes with
 ``accelerate launch``. Arguments are a dataclass, as in train_dml.py (``--help`` lists them).
 """
 
@@ -24,7 +25,14 @@ from accelerate import Accelerator
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
-from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, protocol_splits, with_rgb_images
+from prompt_peft.data import (
+    eval_transform,
+    load_retrieval_dataset,
+    make_collate_fn,
+    preprocessing_of,
+    protocol_splits,
+    with_rgb_images,
+)
 from prompt_peft.training import evaluate_retrieval
 
 NAMES = {
@@ -48,7 +56,9 @@ class EvalArguments:
     revision: Optional[str] = field(default=None, metadata={"help": "Revision of the adapter repo."})
     dataset: str = field(default="flowers102", metadata={"help": "Loader name, directory, Hub id or parquet."})
     data_root: Optional[str] = field(default=None, metadata={"help": "Directory (or Hub id) of the data set."})
-    image_size: Optional[int] = field(default=None, metadata={"help": "Evaluation resolution (default: native)."})
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Evaluation resolution (default: the adapter's training one, else native)."}
+    )
     batch_size: int = field(default=64)
     num_workers: int = field(default=2)
     check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
@@ -87,11 +97,21 @@ def main(argv=None) -> dict:
     splits = protocol_splits(splits, val_seed=args.val_seed, eval_images_per_class=args.eval_images_per_class)
     eval_splits = {k: v for k, v in with_rgb_images(splits).items() if k != "train"}
 
+    recorded = getattr(getattr(model, "peft_config", {}).get("default"), "image_preprocessing", None)
+    if args.image_size is None:
+        transform = prompt_peft.image_transform(model, processor) if args.adapter else eval_transform(processor)
+        preprocessing = recorded or preprocessing_of(processor)
+    else:
+        if recorded and recorded["image_size"] != args.image_size:
+            print(f"note: the adapter was trained at {recorded['image_size']} px; evaluating at {args.image_size} px")
+        transform = eval_transform(processor, args.image_size)
+        preprocessing = preprocessing_of(processor, args.image_size)
+
     start = time.time()
     metrics = evaluate_retrieval(
         model,
         eval_splits,
-        make_collate_fn(eval_transform(processor, args.image_size)),
+        make_collate_fn(transform),
         accelerator=accelerator,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -100,7 +120,8 @@ def main(argv=None) -> dict:
         "model": args.adapter or args.backbone,
         "backbone": processor_source,
         "dataset": args.dataset,
-        "image_size": args.image_size,
+        "image_size": preprocessing["image_size"],
+        "preprocessing": preprocessing,
         "num_images": {k: len(v) for k, v in eval_splits.items()},
         "seconds": round(time.time() - start, 3),
         "metrics": metrics,

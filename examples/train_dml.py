@@ -24,12 +24,12 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -39,14 +39,24 @@ from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
 from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
-from prompt_peft.hub import RetrievalResult, push_adapter_to_hub
+from prompt_peft.config_checks import (
+    ConfigError,
+    check_settings,
+    exit_on_user_error,
+    load_yaml_defaults,
+    parse_method_kwargs,
+)
+from prompt_peft.data.preflight import load_checked
+from prompt_peft.hub_checks import check_backbone_source, check_push_preconditions
+from prompt_peft.training.output_dir import check_output_dir, describe_checkpoints, save_atomically
+from prompt_peft.hub import push_adapter_to_hub, save_adapter
 from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
     VALIDATION,
     SeededRows,
     contiguous_labels,
-    eval_transform,
-    load_retrieval_dataset,
+    preprocessing_of,
+    transform_from_preprocessing,
     make_collate_fn,
     protocol_splits,
     train_transform,
@@ -56,10 +66,13 @@ from prompt_peft.training import (
     build_optimizer,
     build_scheduler,
     build_train_dataloader,
+    card_kwargs,
     check_finite,
+    evaluate_frozen_backbone,
     clip_gradients,
     evaluate_retrieval,
     format_metrics,
+    format_run_summary,
     load_checkpoint,
     proxy_diagnostics,
     resolve_checkpoint,
@@ -105,6 +118,12 @@ class DataArguments:
     eval_test: bool = field(
         default=True, metadata={"help": "With --val_classes: also evaluate the test split at the end."}
     )
+    scan_images: Optional[bool] = field(
+        default=None, metadata={"help": "Decode every image before training (default: on for local data)."}
+    )
+    skip_bad_images: bool = field(
+        default=False, metadata={"help": "Leave unreadable images out (counted in results.json) instead of stopping."}
+    )
 
 
 @dataclass
@@ -143,8 +162,16 @@ class TrainArguments:
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 needs a GPU)."})
     seed: int = field(default=42)
     eval_every_epochs: int = field(default=1, metadata={"help": "0: evaluate only at the end."})
+    eval_baseline: bool = field(
+        default=False, metadata={"help": "Also evaluate the frozen backbone first, for comparison in the summary."}
+    )
     checkpointing_steps: Optional[int] = field(default=None, metadata={"help": "Save the state every N steps."})
-    keep_checkpoints: int = field(default=2)
+    save_total_limit: Optional[int] = field(
+        default=2, metadata={"help": "Checkpoints kept (the newest ones); 0 or None keeps all."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an adapter already in --output_dir (refused otherwise)."}
+    )
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a path."})
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. tensorboard."})
     push_to_hub: bool = field(default=False)
@@ -157,16 +184,24 @@ def parse_args(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
     argv = sys.argv[1:] if argv is None else argv
     config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-    if config_path:
-        values = yaml.safe_load(Path(config_path).read_text()) or {}
-        if isinstance(values.get("method_kwargs"), dict):
-            values["method_kwargs"] = json.dumps(values["method_kwargs"])
-        known = {f for cls in (ModelArguments, DataArguments, TrainArguments) for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"{config_path}: unknown keys {unknown}")
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if config_path:  # YAML values bypass argparse's type conversion: checked here
+            parser.set_defaults(**load_yaml_defaults(config_path, (ModelArguments, DataArguments, TrainArguments)))
+        settings = parser.parse_args_into_dataclasses(args=argv)
+        check_settings(settings)
+        method_options(settings[0])
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")  # one line, before any model loads
+    return settings
+
+
+def method_options(model_args: ModelArguments) -> dict:
+    if model_args.method not in prompt_peft.METHODS:
+        raise ConfigError(f"--method must be one of {sorted(prompt_peft.METHODS)}, got {model_args.method!r}")
+    return parse_method_kwargs(
+        model_args.method_kwargs, prompt_peft.METHODS[model_args.method][0], model_args.method,
+        embedding_dim=model_args.embedding_dim,
+    )
 
 
 def build_model(model_args: ModelArguments, num_classes: int, train_args: Optional[TrainArguments] = None):
@@ -193,6 +228,7 @@ def main(argv=None) -> dict:
 def run(argv=None):
     """The whole job; returns ``(summary, trained PeftModel)`` (the model for callers such as tests)."""
     model_args, data_args, train_args = parse_args(argv)
+    base_model_hub_id = preflight(model_args, train_args)  # every check that needs no model, before any work
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # makes `--multi_gpu` launches real gloo DDP jobs on CPU
         mixed_precision=train_args.mixed_precision,
@@ -209,7 +245,15 @@ def run(argv=None):
     checkpoints_dir = output_dir / "checkpoints"
 
     # ---- data
-    splits = load_retrieval_dataset(data_args.dataset, data_args.data_root, check_counts=data_args.check_counts)
+    splits, skipped_images = load_checked(
+        data_args.dataset,
+        data_args.data_root,
+        scan=data_args.scan_images,
+        skip_bad=data_args.skip_bad_images,
+        report_file=output_dir / "bad_images.txt",
+        check_counts=data_args.check_counts,
+        progress=accelerator.is_main_process,
+    )
     splits = protocol_splits(
         splits,
         val_classes=data_args.val_classes,
@@ -221,7 +265,8 @@ def run(argv=None):
     train_split = SeededRows(splits["train"], seed=train_args.seed)  # augmentation fixed by (seed, epoch, index)
     processor = AutoImageProcessor.from_pretrained(model_args.backbone)
     train_collate = make_collate_fn(train_transform(processor, data_args.image_size), label_map=label_map)
-    eval_collate = make_collate_fn(eval_transform(processor, data_args.image_size))
+    preprocessing = preprocessing_of(processor, data_args.image_size)  # recorded in the adapter for evaluation
+    eval_collate = make_collate_fn(transform_from_preprocessing(preprocessing, processor))
     eval_splits = {k: v for k, v in splits.items() if k not in ("train", VALIDATION)}
     # every evaluation during training (and any selection) reads the validation classes when there are some
     select_splits = {"test": splits[VALIDATION]} if VALIDATION in splits else eval_splits
@@ -238,6 +283,7 @@ def run(argv=None):
 
     # ---- model, optimiser, schedule
     model = build_model(model_args, num_classes=len(label_map), train_args=train_args)
+    model.peft_config["default"].image_preprocessing = preprocessing
     # Data-dependent state from the frozen backbone (SHIP's levels), before the optimiser exists. Every process
     # reads the same unsharded, unshuffled train split; methods without such state never iterate the loader.
     fit_loader = DataLoader(
@@ -271,6 +317,12 @@ def run(argv=None):
     if train_args.report_to:
         accelerator.init_trackers("train_dml", config={**asdict(model_args), **asdict(data_args), **asdict(train_args)})
 
+    baseline, baseline_start = None, time.time()
+    if train_args.eval_baseline:
+        baseline = evaluate_frozen_backbone(model, eval_splits, eval_collate, accelerator=accelerator,
+                                            batch_size=data_args.eval_batch_size, num_workers=data_args.num_workers)
+        logger.info(format_metrics(baseline, prefix="frozen backbone"))
+
     # ---- resume
     step, history = 0, {"loss": [], "eval": []}
     checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, checkpoints_dir)
@@ -302,7 +354,8 @@ def run(argv=None):
         )
         return metrics, embedded, time.time() - start
 
-    metrics, embedded, eval_seconds, all_evals_seconds = None, None, None, 0.0
+    metrics, embedded, eval_seconds = None, None, None
+    all_evals_seconds = time.time() - baseline_start if baseline else 0.0
     for epoch in range(step // steps_per_epoch, num_epochs):
         model.train()
         done_in_epoch = (step - epoch * steps_per_epoch) * train_args.gradient_accumulation_steps
@@ -339,7 +392,7 @@ def run(argv=None):
             )
             if train_args.checkpointing_steps and step % train_args.checkpointing_steps == 0:
                 save_checkpoint(
-                    accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.keep_checkpoints
+                    accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.save_total_limit or 0
                 )
             if step >= total_steps:
                 break
@@ -385,20 +438,31 @@ def run(argv=None):
         "validation_metrics": validation_metrics,
         "validation_classes": data_args.val_classes,
         "eval_images": sum(len(split) for split in eval_splits.values()),
+        "bad_images_skipped": len(skipped_images),
         "eval_seconds": round(eval_seconds, 3) if eval_seconds is not None else None,
+        "eval_seconds_total": round(all_evals_seconds, 1),
+        "baseline_metrics": baseline,
         "parameters": parameters,
         "history": history,
     }
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
-        if train_args.backbone_lr:
-            copy.deepcopy(unwrapped).unload().save_pretrained(output_dir / "backbone")
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         figures = save_figures(output_dir, history, eval_splits, embedded)
         figures.update(save_transformed_inputs(output_dir, unwrapped, eval_splits, eval_collate, processor))
-        logger.info("adapter saved to %s", output_dir / "adapter")
+        settings = {**asdict(model_args), **asdict(data_args), **asdict(train_args)}
+        card = card_kwargs(summary, figures, settings, base_model_id=model_args.base_model_hub_id)
+        save_atomically(  # with the project's model card
+            partial(save_adapter, unwrapped, base_model_id=model_args.base_model_hub_id,
+                    repo_id=train_args.hub_model_id, **card),
+            output_dir / "adapter",
+        )
+        if train_args.backbone_lr:
+            save_atomically(copy.deepcopy(unwrapped).unload().save_pretrained, output_dir / "backbone")
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        if checkpoints := describe_checkpoints(checkpoints_dir):
+            logger.info(checkpoints)
         if train_args.push_to_hub:
-            publish(unwrapped, model_args, data_args, train_args, summary, figures)
+            publish(unwrapped, base_model_hub_id, train_args, card)
+        print(format_run_summary(summary, output_dir), flush=True)
     accelerator.end_training()
     return summary, unwrapped
 
@@ -409,14 +473,18 @@ def _latest(checkpoints_dir: Path) -> Optional[Path]:
 
 def save_figures(output_dir: Path, history: dict, eval_splits, embedded) -> dict[str, Path]:
     """The training curve and, after an evaluation, a retrieval gallery of 5 queries (top-5 neighbours)."""
-    figures = {"Training curve": output_dir / "training_curve.png"}
-    evaluations = [(e["step"], e["recall@1"]) for e in history["eval"]]
-    training_curve(history["loss"], evaluations).save(figures["Training curve"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"Training curve (loss; held-out R@1 and MAP@R at each evaluation)": output_dir / "training_curve.png"}
+    evaluations = [(e["step"], e) for e in history["eval"]]
+    training_curve(history["loss"], evaluations).save(output_dir / "training_curve.png")
     if embedded and "test" in embedded:
         embeddings, labels = embedded["test"]
         queries = np.linspace(0, len(labels) - 1, num=min(5, len(labels)), dtype=int).tolist()
+        names = getattr(eval_splits["test"].features["label"], "names", None)
         # Neighbours are read only from the images we draw: gather the ones the top-5 needs.
-        gallery = retrieval_gallery(_LazyImages(eval_splits["test"]), embeddings, labels, queries, k=5)
+        gallery = retrieval_gallery(
+            _LazyImages(eval_splits["test"]), embeddings, labels, queries, k=5, class_names=names
+        )
         figures["Retrieval examples (query in blue; green: same class, red: other class)"] = (
             output_dir / "retrieval_gallery.png"
         )
@@ -452,31 +520,26 @@ class _LazyImages:
         return self.split[int(index)]["image"]
 
 
-def publish(model, model_args, data_args, train_args, summary, figures) -> None:
-    if not train_args.hub_model_id:
-        raise SystemExit("--push_to_hub needs --hub_model_id org/name")
-    base_model_id = model_args.base_model_hub_id or model_args.backbone
-    results = []
-    if summary["final_metrics"]:
-        results = [RetrievalResult(data_args.dataset, summary["final_metrics"], dataset_split="test")]
+def preflight(model_args: ModelArguments, train_args: TrainArguments) -> Optional[str]:
+    """The output folder, the backbone source and every push pre-condition; returns the base model's Hub id."""
+    check_output_dir(
+        train_args.output_dir,
+        overwrite=train_args.overwrite_output_dir,
+        resuming=bool(train_args.resume_from_checkpoint),
+    )
+    check_backbone_source(model_args.backbone)
+    if not train_args.push_to_hub:
+        return None
+    return check_push_preconditions(train_args.hub_model_id, model_args.backbone, model_args.base_model_hub_id)
+
+
+def publish(model, base_model_id, train_args, card: dict) -> None:
     info = push_adapter_to_hub(
-        model,
-        train_args.hub_model_id,
-        base_model_id=base_model_id,
-        results=results,
-        parameter_counts=summary["parameters"],
-        images={title: path.name for title, path in figures.items()},
-        extra_files=list(figures.values()),
-        training={
-            "steps": summary["steps"],
-            "epochs (last-epoch numbers)": train_args.num_epochs,
-            "learning rate": train_args.learning_rate,
-            "seed": train_args.seed,
-        },
-        private=train_args.hub_private,
+        model, train_args.hub_model_id, base_model_id=base_model_id, private=train_args.hub_private, **card
     )
     logger.info("pushed to %s (commit %s)", train_args.hub_model_id, info.oid)
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

@@ -9,9 +9,12 @@ Importing the package registers its methods with peft, so ``get_peft_model``, ``
 """
 
 from .backbones import SUPPORTED_MODELS, BackboneSpec
-from .loading import from_pretrained
+from .hub_checks import install as _install_push_explanation
+from .loading import from_pretrained, image_transform
 from .methods import METHODS, build_peft_model, method_config
 from .registry import register_method
+from .strict_loading import AdapterMismatchError
+from .strict_loading import install as _install_strict_loading
 from .tuners.frpt import FRPTConfig, FRPTModel
 from .tuners.semantic_proxy import SemanticProxyVPTConfig, SemanticProxyVPTModel
 from .tuners.ship import SHIPConfig, SHIPModel
@@ -21,8 +24,11 @@ __version__ = "0.1.0"
 
 for _config_cls, _model_cls in METHODS.values():
     register_method(_model_cls.prefix.removesuffix("_"), _config_cls, _model_cls)
+_install_strict_loading()  # transformers' load_adapter: strict for prompt_peft adapters
+_install_push_explanation()  # PeftModel.push_to_hub: a lost connection explained
 
 __all__ = [
+    "AdapterMismatchError",
     "BackboneSpec",
     "FRPTConfig",
     "FRPTModel",
@@ -36,6 +42,7 @@ __all__ = [
     "VPTModel",
     "build_peft_model",
     "from_pretrained",
+    "image_transform",
     "method_config",
     "__version__",
 ]

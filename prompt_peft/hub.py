@@ -1,6 +1,6 @@
 """Hugging Face Hub helpers: adapter model cards and pushing adapters.
 
-Two entry points, both generic over any ``peft.PeftModel`` (LoRA or a prompt_peft method):
+Three entry points, all generic over any ``peft.PeftModel`` (LoRA or a prompt_peft method):
 
 ``render_model_card(repo_id, method=..., base_model=..., results=..., parameter_counts=..., images=...)``
     Builds a :class:`huggingface_hub.ModelCard` from the Jinja template ``model_cards/adapter_card.md``. The YAML
@@ -8,6 +8,10 @@ Two entry points, both generic over any ``peft.PeftModel`` (LoRA or a prompt_pef
     ``image-retrieval`` task), tags (``prompt_peft``, ``image-retrieval``, the method, ``base_model:adapter:<id>``)
     and, when results are given, a ``model-index`` with one ``EvalResult`` per metric (R@1/2/4/8, MAP@R, ...).
     The body has a usage snippet, a results table, parameter counts and optional figures.
+
+``save_adapter(peft_model, "outputs/run/adapter", results=..., images=..., extra_files=...)``
+    ``save_pretrained`` plus this card as ``README.md`` (PEFT would write an empty template) and the figures it
+    shows; what ``examples/train_dml.py`` saves.
 
 ``push_adapter_to_hub(peft_model, "org/name", base_model_id="google/vit-base-patch16-224", results=..., ...)``
     The recommended push flow. ``PeftModel.push_to_hub`` is not used because it replaces
@@ -63,6 +67,7 @@ __all__ = [
     "is_local_path",
     "push_adapter_to_hub",
     "render_model_card",
+    "save_adapter",
 ]
 
 TEMPLATE_NAME = "adapter_card.md"
@@ -396,6 +401,86 @@ def _copy_extra_files(extra_files, folder: Path) -> None:
         shutil.copyfile(local, target)
 
 
+def _save_with_card(peft_model, folder: Path, repo_id: str, base_model_id, extra_files, selected_adapters,
+                    card_kwargs: dict, card_base_model: str | None = None) -> ModelCard:
+    """save_pretrained into ``folder``, our card as README.md (replacing PEFT's), the card's figures beside it.
+
+    ``base_model_id`` (a Hub id, or None to keep what the adapter records) is written to the saved
+    ``adapter_config.json`` files only; the in-memory model keeps its values. The card names
+    ``card_base_model`` (default: ``base_model_id``).
+    """
+    adapter = getattr(peft_model, "active_adapter", None) or "default"
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    peft_config = peft_model.peft_config[adapter]
+    recorded = {name: cfg.base_model_name_or_path for name, cfg in peft_model.peft_config.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        peft_model.save_pretrained(
+            str(folder),
+            save_embedding_layers=False,
+            selected_adapters=list(selected_adapters) if selected_adapters is not None else None,
+        )
+    finally:
+        for name, value in recorded.items():  # save_pretrained fills a missing value in place
+            peft_model.peft_config[name].base_model_name_or_path = value
+    if base_model_id is not None:
+        for config_file in _adapter_configs(folder):
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = base_model_id
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    card_kwargs = dict(card_kwargs)
+    card_kwargs.setdefault("embedding_dim", getattr(peft_config, "embedding_dim", None))
+    if card_kwargs.get("parameter_counts") is None:
+        card_kwargs["parameter_counts"] = _default_parameter_counts(peft_model, folder)
+    card = render_model_card(repo_id, method=_method_name(peft_config.peft_type),
+                             base_model=card_base_model or base_model_id, **card_kwargs)
+    card.save(folder / "README.md")  # replaces the card PEFT wrote
+    _copy_extra_files(extra_files, folder)
+    missing = [
+        img["path"]
+        for img in _images(card_kwargs.get("images"))
+        if not re.match(r"https?://", img["path"]) and not (folder / img["path"]).is_file()
+    ]
+    if missing:
+        raise ValueError(f"the card shows {missing} but they are not in the folder: add them to extra_files")
+    return card
+
+
+def save_adapter(
+    peft_model,
+    save_directory: str | os.PathLike,
+    *,
+    base_model_id: str | None = None,
+    repo_id: str | None = None,
+    extra_files: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None = None,
+    selected_adapters: Sequence[str] | None = None,
+    **card_kwargs,
+) -> ModelCard:
+    """``peft_model.save_pretrained(save_directory)`` with the project's model card instead of PEFT's empty one.
+
+    The folder gets ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` (the card of
+    :func:`render_model_card`: usage snippet, results table, parameters, training settings, figures) and the
+    ``extra_files`` the card shows. ``repo_id`` is the id the usage snippet loads (default: ``save_directory``
+    as given); ``base_model_id`` is the backbone's Hub id, written to the card and the saved config (default:
+    the id the adapter records, left out of the card when it is a local path). ``card_kwargs`` go to
+    :func:`render_model_card`. Returns the card.
+    """
+    for reserved in ("method", "base_model"):
+        if reserved in card_kwargs:
+            raise TypeError(f"save_adapter() sets the card's {reserved!r} itself")
+    if base_model_id is not None:
+        _check_hub_id(base_model_id, "base_model_id")
+    folder = Path(save_directory)
+    recorded = peft_model.peft_config[next(iter(peft_model.peft_config))].base_model_name_or_path
+    card_base = base_model_id or (recorded if recorded and not is_local_path(recorded) else None)
+    card_kwargs.setdefault("model_name", folder.name)
+    repo_id = repo_id or os.fspath(save_directory)
+    return _save_with_card(peft_model, folder, repo_id, base_model_id, extra_files, selected_adapters,
+                           card_kwargs, card_base_model=card_base)
+
+
 def push_adapter_to_hub(
     peft_model,
     repo_id: str,
@@ -457,59 +542,40 @@ def push_adapter_to_hub(
 
     with tempfile.TemporaryDirectory(prefix="prompt_peft_push_") as tmp:
         folder = Path(tmp)
-        try:
-            peft_model.save_pretrained(
-                str(folder),
-                save_embedding_layers=False,
-                selected_adapters=list(selected_adapters) if selected_adapters is not None else None,
-            )
-        finally:
-            for name, value in recorded.items():  # save_pretrained fills a missing value in place
-                peft_model.peft_config[name].base_model_name_or_path = value
-
-        for config_file in _adapter_configs(folder):
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            config["base_model_name_or_path"] = base_model_id
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-        card_kwargs.setdefault("embedding_dim", getattr(peft_config, "embedding_dim", None))
-        if card_kwargs.get("parameter_counts") is None:
-            card_kwargs["parameter_counts"] = _default_parameter_counts(peft_model, folder)
-        card = render_model_card(repo_id, method=method, base_model=base_model_id, **card_kwargs)
-        card.save(folder / "README.md")  # replaces the card PEFT wrote
-        _copy_extra_files(extra_files, folder)
-
-        missing = [
-            img["path"]
-            for img in _images(card_kwargs.get("images"))
-            if not re.match(r"https?://", img["path"]) and not (folder / img["path"]).is_file()
-        ]
-        if missing:
-            raise ValueError(f"the card shows {missing} but they are not uploaded: add them to extra_files")
+        _save_with_card(peft_model, folder, repo_id, base_model_id, extra_files, selected_adapters, card_kwargs)
         _assert_no_local_paths(folder, local_paths)
 
+        from .hub_checks import hub_errors_explained
+
         api = api or HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
-        if revision not in (None, "main"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            revision=revision,
-            commit_message=commit_message or f"Upload {method} adapter",
-            commit_description=commit_description,
-            token=token,
-        )
+        with hub_errors_explained(f"push the adapter to {repo_id!r}", "Nothing was published; the local adapter is "
+                                  "unchanged. Push again once the Hub can be reached."):
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(folder),
+                revision=revision,
+                commit_message=commit_message or f"Upload {method} adapter",
+                commit_description=commit_description,
+                token=token,
+            )
 
 
 def _assert_no_local_paths(folder: Path, local_paths: set[str]) -> None:
-    """Last line of defence: no file about to be published may contain a local base-model path."""
+    """Last line of defence: no file about to be published may contain a local base-model path.
+
+    A path counts only as a whole token: the folder name ``vit32`` inside the Hub id ``org/vit32`` is not the
+    local path ``vit32``.
+    """
     needles = {p.encode() for p in local_paths} | {os.path.abspath(p).encode() for p in local_paths}
     needles.discard(b"")
+    patterns = {needle: re.compile(rb"(?<![\w./\\-])" + re.escape(needle) + rb"(?![\w./\\-])") for needle in needles}
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
         data = path.read_bytes()
-        for needle in needles:
-            if needle in data:
+        for needle, pattern in patterns.items():
+            if pattern.search(data):
                 raise ValueError(f"{path.relative_to(folder)} would publish the local path {needle.decode()!r}")

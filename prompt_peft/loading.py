@@ -44,7 +44,9 @@ def from_pretrained(
         is_trainable: load the adapter with its parameters trainable (to continue training).
         base_model_kwargs: extra arguments for the backbone's ``from_pretrained`` (``torch_dtype``, ...).
 
-    The model is returned in eval mode. Errors say what to do: an adapter of a method that is not registered
+    The model is returned in eval mode; :func:`image_transform` gives the image preprocessing the adapter was
+    trained with (its resolution included), and the model accepts ``pixel_values`` of that size directly.
+    Errors say what to do: an adapter of a method that is not registered
     (its package was not imported), a missing or corrupt adapter file, a repo that does not exist, an adapter
     trained for a different backbone.
     """
@@ -129,3 +131,24 @@ def _load_backbone(name_or_path: str, config, kwargs: dict[str, Any]) -> nn.Modu
     model_cls = getattr(transformers, class_name, None) if class_name else None
     model_cls = model_cls or transformers.AutoModel
     return model_cls.from_pretrained(name_or_path, revision=getattr(config, "revision", None), **kwargs)
+
+
+def image_transform(model: nn.Module, processor=None, adapter_name: str = "default"):
+    """The deterministic image -> tensor transform for ``model``: the resolution and preprocessing its adapter was
+    trained with (``image_preprocessing`` in the adapter config), else the backbone processor's own.
+
+    ``processor`` (the backbone's image processor) is needed only when the adapter records none, or recorded
+    that it used the processor's own call at the native size (then called for identical numbers).
+    """
+    from .data.transforms import eval_transform, transform_from_preprocessing
+
+    configs = getattr(model, "peft_config", None) or {}
+    recorded = getattr(configs.get(adapter_name), "image_preprocessing", None)
+    if recorded:
+        return transform_from_preprocessing(recorded, processor)
+    if processor is None:
+        raise ValueError(
+            "this model's adapter records no image preprocessing (trained before it was recorded, or no adapter): "
+            "pass the backbone's image processor."
+        )
+    return eval_transform(processor)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .data.images import to_rgb
 
 CORRECT, WRONG, QUERY = (40, 160, 60), (200, 40, 40), (60, 90, 200)
+MAP_COLOUR = (230, 140, 20)
+LEGEND_HEIGHT = 18
+CAPTION_HEIGHT = 26  # two short lines under each thumbnail: class name, similarity
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
 
 
 def retrieval_gallery(
@@ -20,22 +27,84 @@ def retrieval_gallery(
     k: int = 5,
     thumb: int = 96,
     border: int = 4,
+    class_names: Sequence[str] | None = None,
+    legend: bool = True,
 ) -> Image.Image:
     """One row per query: the query (blue frame) and its ``k`` nearest neighbours by cosine similarity
-    (green frame: same class, red: different class). ``images[i]`` must belong to ``embeddings[i]``."""
+    (green frame: same class, red: different class). ``images[i]`` must belong to ``embeddings[i]``.
+
+    With ``legend`` a line on top explains the colours, and every thumbnail gets a caption: its class
+    (``class_names[label]`` when given, else the label id) and, for neighbours, the cosine similarity.
+    """
     embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
-    cell = thumb + 2 * border
-    canvas = Image.new("RGB", ((k + 1) * cell + border, len(query_indices) * cell), "white")
-    for row, q in enumerate(query_indices):
+
+    def name(index: int) -> str:
+        label = int(labels[index])
+        return class_names[label] if class_names is not None and label < len(class_names) else str(label)
+
+    rows = []
+    for q in query_indices:
         sims = embeddings @ embeddings[q]
         sims[q] = -float("inf")  # a query is not its own neighbour
-        neighbours = sims.topk(k).indices.tolist()
-        frames = [(q, QUERY)] + [(n, CORRECT if labels[n] == labels[q] else WRONG) for n in neighbours]
-        for col, (index, colour) in enumerate(frames):
-            x, y = col * cell + (border if col else 0), row * cell
+        scores, neighbours = sims.topk(k)
+        rows.append(
+            [(images[q], QUERY, name(q), "query")]
+            + [
+                (images[n], CORRECT if labels[n] == labels[q] else WRONG, name(n), f"sim {float(s):.2f}")
+                for n, s in zip(neighbours.tolist(), scores.tolist())
+            ]
+        )
+    keys = ((QUERY, "query"), (CORRECT, "same class"), (WRONG, "other class"))
+    note = f"top-{k} neighbours by cosine similarity"
+    return image_grid(rows, thumb=thumb, border=border, legend=(keys, note) if legend else None)
+
+
+def image_grid(
+    rows: Sequence[Sequence[tuple[Image.Image, tuple[int, int, int], str, str]]],
+    *,
+    thumb: int = 96,
+    border: int = 4,
+    legend: tuple[Sequence[tuple[tuple[int, int, int], str]], str] | None = None,
+) -> Image.Image:
+    """Rows of framed square thumbnails, each cell ``(image, frame colour, caption, note)``.
+
+    With ``legend = (keys, note)`` a top line shows each ``(colour, text)`` key and the note, and every
+    thumbnail gets its caption (in the frame colour) and note (grey) below it; without, only frames.
+    """
+    cell = thumb + 2 * border
+    caption = CAPTION_HEIGHT if legend else 0
+    top = LEGEND_HEIGHT if legend else 0
+    row_height = cell + caption
+    width = max((len(r) for r in rows), default=1) * cell + border
+    canvas = Image.new("RGB", (width, top + len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    if legend:
+        keys, note = legend
+        x = border
+        for colour, text in keys:
+            draw.rectangle((x, 4, x + 10, 14), fill=colour)
+            draw.text((x + 14, 3), text, fill="black", font=font)
+            x += 20 + int(draw.textlength(text, font=font)) + 10
+        draw.text((x, 3), note, fill=(90, 90, 90), font=font)
+    for r, row in enumerate(rows):
+        for col, (image, colour, text, note) in enumerate(row):
+            x, y = col * cell + (border if col else 0), top + r * row_height
             canvas.paste(Image.new("RGB", (cell, cell), colour), (x, y))
-            canvas.paste(_square(images[index], thumb), (x + border, y + border))
+            canvas.paste(_square(image, thumb), (x + border, y + border))
+            if legend:
+                draw.text((x + 2, y + cell + 1), _fit(draw, text, cell - 4, font), fill=colour, font=font)
+                draw.text((x + 2, y + cell + 13), _fit(draw, note, cell - 4, font), fill=(90, 90, 90), font=font)
     return canvas
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+    """``text`` cut (with an ellipsis) to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
@@ -47,11 +116,16 @@ def _square(image: Image.Image, size: int) -> Image.Image:
 
 def training_curve(
     losses: Sequence[tuple[int, float]],
-    evaluations: Sequence[tuple[int, float]] = (),
+    evaluations: Sequence[tuple[int, float | Mapping[str, float]]] = (),
     size: tuple[int, int] = (640, 320),
     margin: int = 40,
 ) -> Image.Image:
-    """Training loss per step (dark line, left scale) and held-out Recall@1 (green dots, right scale, 0–100 %)."""
+    """Training loss per step (dark line, left scale) and held-out retrieval (right scale, 0–100 %).
+
+    ``evaluations`` holds ``(step, metrics)`` with ``metrics`` a mapping such as ``{"recall@1": 0.81,
+    "map@r": 0.32}`` (R@1 in green, MAP@R in orange) or a bare R@1 value. Every evaluation point is labelled
+    with its value in percent, so the figure can be read without the logs.
+    """
     width, height = size
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
@@ -70,17 +144,29 @@ def training_curve(
     def y(value: float, lo: float, hi: float) -> float:
         return bottom - (bottom - top) * (value - lo) / (hi - lo)
 
+    font = _font()
     draw.line([(x(s), y(v, low, high)) for s, v in losses], fill=(30, 30, 30), width=2)
-    for s, recall in evaluations:
-        cx, cy = x(s), y(100 * recall, 0, 100)
-        draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=CORRECT)
-    draw.text((left, bottom + 6), f"step {first}", fill="black")
-    draw.text((right - 60, bottom + 6), f"step {last}", fill="black")
-    draw.text((4, top), f"{high:.2f}", fill="black")
-    draw.text((4, bottom - 12), f"{low:.2f}", fill="black")
-    draw.text((left + 8, top + 4), "loss", fill=(30, 30, 30))
+    series = (("recall@1", "R@1", CORRECT), ("map@r", "MAP@R", MAP_COLOUR))
+    for s, metrics in evaluations:
+        metrics = metrics if isinstance(metrics, Mapping) else {"recall@1": metrics}
+        for key, name, colour in series:
+            if key not in metrics:
+                continue
+            value = 100 * float(metrics[key])
+            cx, cy = x(s), y(value, 0, 100)
+            draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=colour)
+            text = f"{name}={value:.1f}"
+            tx = min(max(cx - draw.textlength(text, font=font) / 2, left + 2), right - draw.textlength(text, font=font) - 2)
+            draw.text((tx, cy - 16 if cy - 16 > top else cy + 6), text, fill=colour, font=font)
+    draw.text((left, bottom + 6), f"step {first}", fill="black", font=font)
+    draw.text((right - 60, bottom + 6), f"step {last}", fill="black", font=font)
+    draw.text((4, top), f"{high:.2f}", fill="black", font=font)
+    draw.text((4, bottom - 12), f"{low:.2f}", fill="black", font=font)
+    draw.text((left + 8, top + 4), "loss (left axis)", fill=(30, 30, 30), font=font)
     if evaluations:
-        draw.text((right - 70, top + 4), "R@1 (%)", fill=CORRECT)
+        draw.text((right - 200, top + 4), "held-out R@1, MAP@R in % (right axis)", fill=CORRECT, font=font)
+        draw.text((right + 4, top), "100", fill="black", font=font)
+        draw.text((right + 4, bottom - 12), "0", fill="black", font=font)
     return canvas
 
 

@@ -570,7 +570,12 @@ def test_dispatch_by_name_and_auto_detect(tmp_path):
     with pytest.raises(ValueError, match="unknown data set 'mnist'"):
         load_retrieval_dataset("mnist")
     with pytest.raises(ValueError, match="needs root"):
+        load_retrieval_dataset("imagefolder")
+    # SOP and In-Shop have no Hub copy: the error says where the official files are
+    with pytest.raises(FileNotFoundError, match="needs root.*no faithful Hub copy.*lifted_struct"):
         load_retrieval_dataset("sop")
+    with pytest.raises(FileNotFoundError, match="no faithful Hub copy.*DeepFashion"):
+        load_retrieval_dataset("inshop")
 
 
 def test_with_rgb_images_decodes_through_load_rgb(tmp_path):

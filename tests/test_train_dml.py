@@ -63,6 +63,42 @@ def test_a_run_trains_evaluates_and_saves(workspace, tmp_path):
     assert last < first  # 4 well-separated colour classes: the loss must fall
 
 
+def test_saved_adapter_explains_itself(workspace, tmp_path, capsys):
+    """The adapter folder holds the project's card (not PEFT's empty template), the figures it shows, and the
+    run ends with a summary comparing the adapter with the frozen backbone."""
+    from huggingface_hub import ModelCard
+    from transformers import ViTModel
+
+    from prompt_peft.training import evaluate_retrieval
+
+    summary = load_script().main(args(workspace, tmp_path, "--max_steps", "3", "--eval_baseline", "true",
+                                      "--image_size", "32"))
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert "More Information Needed" not in card.text
+    assert card.data.library_name == "peft" and "vpt" in card.data.tags
+    r1 = next(r.metric_value for r in card.data.eval_results if r.metric_type == "recall@1")
+    assert r1 == pytest.approx(summary["final_metrics"]["recall@1"])
+    for text in ("prompt_peft.from_pretrained", "| image size | 32 px |", "| optimiser steps | 3 |",
+                 "training_curve.png", "retrieval_gallery.png", "Against the frozen backbone"):
+        assert text in card.text, text
+    assert str(workspace) not in card.text  # the local backbone path is not written into the card
+    assert {"training_curve.png", "retrieval_gallery.png"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+
+    # the baseline is the bare backbone (its pooled token) on the same held-out split and resolution
+    from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, with_rgb_images
+    from transformers import AutoImageProcessor
+
+    bare = ViTModel.from_pretrained(workspace / "backbone").eval()
+    splits = with_rgb_images(load_retrieval_dataset("imagefolder", workspace / "images", check_counts=False))
+    collate = make_collate_fn(eval_transform(AutoImageProcessor.from_pretrained(workspace / "backbone"), 32))
+    expected = evaluate_retrieval(bare, {"test": splits["test"]}, collate, batch_size=8)
+    assert summary["baseline_metrics"] == pytest.approx(expected)
+
+    printed = capsys.readouterr().out
+    assert "frozen backbone" in printed and "change" in printed and "adapter/" in printed
+    assert "adapter_model.safetensors" in printed and "results.json" in printed
+
+
 @pytest.mark.parametrize("method", ["vpt", "semantic_proxy"])
 def test_activation_checkpointing_trains_the_same_adapter(workspace, tmp_path, method):
     """Recomputing the blocks in backward changes memory, not the training: same steps, same adapter."""
@@ -82,6 +118,8 @@ def test_activation_checkpointing_trains_the_same_adapter(workspace, tmp_path, m
 
 def test_validation_classes_for_every_evaluation_and_the_test_classes_once(workspace, tmp_path, monkeypatch):
     """--val_classes: periodic evaluations see only held-out training classes, the test split is embedded once."""
+    from prompt_peft.data import load_retrieval_dataset
+
     script = load_script()
     seen = []  # (class names of the evaluated split) per evaluation
 
@@ -94,7 +132,7 @@ def test_validation_classes_for_every_evaluation_and_the_test_classes_once(works
     monkeypatch.setattr(script, "evaluate_retrieval", spy)
     summary = script.main(args(workspace, tmp_path / "a", "--num_epochs", "2", "--eval_every_epochs", "1",
                                "--val_classes", "0.5", "--val_seed", "1"))
-    splits = script.load_retrieval_dataset("imagefolder", workspace / "images", check_counts=False)
+    splits = load_retrieval_dataset("imagefolder", workspace / "images", check_counts=False)
     names = splits["train"].features["label"].names
     train = {names[i] for i in splits["train"]["label"]}
     test = {names[i] for i in splits["test"]["label"]}

@@ -21,9 +21,24 @@ FAMILIES = {
 }
 BARE = ["ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel", "SiglipVisionModel"]
 
+# Families of issue 15 (timm through TimmWrapperModel, DINOv3, SigLIP 2): same sizes, 32 px native.
+TIMM_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
+NEW_FAMILIES = {
+    "TimmWrapperModel": ("TimmWrapperConfig", dict(architecture="vit_small_patch16_224", model_args=TIMM_VIT_ARGS)),
+    "DINOv3ViTModel": ("DINOv3ViTConfig", dict(patch_size=8, num_register_tokens=2)),
+    "Siglip2VisionModel": ("Siglip2VisionConfig", dict(patch_size=8, num_patches=16)),
+}
+NEW_BARE = list(NEW_FAMILIES)
+
 
 def tiny_config(name: str, **overrides):
-    config_name, extra = FAMILIES[name]
+    if name in NEW_FAMILIES:
+        config_name, extra = NEW_FAMILIES[name]
+        if name == "TimmWrapperModel":  # sizes live in timm's model_args
+            args = {**extra["model_args"], **overrides.pop("model_args", {})}
+            return transformers.TimmWrapperConfig(**{**extra, "model_args": args, **overrides})
+    else:
+        config_name, extra = FAMILIES[name]
     return getattr(transformers, config_name)(**{**SIZES, **extra, **overrides})
 
 

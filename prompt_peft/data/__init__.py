@@ -21,9 +21,17 @@ from .datasets import (
     split_classes,
     with_rgb_images,
 )
+from .hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 from .samplers import MPerClassBatchSampler
 from .subsets import VALIDATION, hold_out_classes, limit_images_per_class, protocol_splits
-from .transforms import SeededRows, eval_transform, make_collate_fn, train_transform
+from .transforms import (
+    SeededRows,
+    eval_transform,
+    make_collate_fn,
+    preprocessing_of,
+    train_transform,
+    transform_from_preprocessing,
+)
 from .images import (
     DEFAULT_MIN_SIZE,
     BadImage,
@@ -36,6 +44,10 @@ from .images import (
 )
 
 __all__ = [
+    "FLOWERS102_CLASS_NAMES",
+    "HUB_SOURCES",
+    "HubSource",
+    "load_benchmark_from_hub",
     "contiguous_labels",
     "MPerClassBatchSampler",
     "VALIDATION",
@@ -45,7 +57,9 @@ __all__ = [
     "SeededRows",
     "eval_transform",
     "make_collate_fn",
+    "preprocessing_of",
     "train_transform",
+    "transform_from_preprocessing",
     "DEFAULT_MIN_SIZE",
     "IMAGE_EXTENSIONS",
     "LOADERS",

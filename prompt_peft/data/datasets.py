@@ -40,6 +40,7 @@ from typing import Any, Literal
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets
 
 from .images import DEFAULT_MIN_SIZE, BadImage, BadImagesError, describe_bad_images, load_rgb, scan_images
+from .safe_paths import confine_image_paths
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class _Options:
     min_size: int | None = DEFAULT_MIN_SIZE
     num_workers: int | None = None
     progress: bool = True
+    skipped: list[BadImage] | None = None  # receives every image left out by on_bad_image="skip"
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ("raise", "skip"):
@@ -249,6 +251,8 @@ def _finish(
         kept[split] = ds.select([i for i in range(len(ds)) if i not in drop]) if drop else ds
     dd = DatasetDict(kept)
     bad = missing + unreadable
+    if bad and skip and options.skipped is not None:
+        options.skipped.extend(bad)
     if bad and skip:
         logger.warning(
             "%s: leaving out %d unusable image(s) because on_bad_image='skip':\n%s",
@@ -616,6 +620,20 @@ def _is_parquet_path(path: str) -> bool:
     )
 
 
+def _data_folders(path: str, load_kwargs: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """``(roots, base)`` for `confine_image_paths`: a local data set's own folder; for a Hub id, the caches its
+    files are downloaded to (relative paths refused)."""
+    if os.path.isdir(path) or _is_parquet_path(path):
+        folder = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0].split("?")[0].split("[")[0])
+        folder = os.path.abspath(folder or ".")
+        return [folder], folder
+    import datasets.config
+    from huggingface_hub import constants
+
+    caches = [datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE, load_kwargs.get("cache_dir")]
+    return [os.fspath(c) for c in caches if c], None
+
+
 def load_hub_dataset(
     path: str | os.PathLike | Dataset | DatasetDict,
     *,
@@ -628,6 +646,8 @@ def load_hub_dataset(
     train_classes: Sequence[Any] | None = None,
     test_classes: Sequence[Any] | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
+    class_names: Mapping[Any, str] | None = None,
+    title: str | None = None,
     **options: Any,
 ) -> DatasetDict:
     """A data set with an image column and a label column, from the Hub, local parquet files, or memory.
@@ -643,17 +663,21 @@ def load_hub_dataset(
             `test_ratio` / `seed` (see `split_classes`) or by `train_classes` / `test_classes` (label values:
             ints for a `ClassLabel` or integer column, strings for a string column).
         load_kwargs: extra arguments for `datasets.load_dataset` (e.g. `name`, `revision`, `cache_dir`).
+        class_names: label value -> class name; replaces the names below.
+        title: how messages name the data set (default: `path`).
 
     Class names come from the source `ClassLabel` when there is one, else from the label values.
     """
     opts = _options(options)
+    folders = None  # where path-only image rows may point (None: in memory, the caller's own data)
     if isinstance(path, (Dataset, DatasetDict)):
-        source, title = path, "in-memory data set"
+        source, title = path, title or "in-memory data set"
     else:
         from datasets import load_dataset
 
         path = os.fspath(path)
-        title = path
+        title = title or path
+        folders = _data_folders(path, load_kwargs or {})
         if _is_parquet_path(path):
             files = os.path.join(path, "**", "*.parquet") if os.path.isdir(path) else path
             source = load_dataset("parquet", data_files=files, **(load_kwargs or {}))
@@ -706,6 +730,8 @@ def load_hub_dataset(
         }
 
     def name_of(key: Any) -> str:
+        if class_names is not None and key in class_names:
+            return class_names[key]
         return names[key] if names is not None else str(key)
 
     label, label_of = _class_label(train_keys, other_keys, name_of)
@@ -713,6 +739,8 @@ def load_hub_dataset(
     for split, ds in parts.items():
         labels = [label_of[k] for k in keys_of(ds)]
         datasets[split] = ds.remove_columns("_key").add_column("label", labels).cast_column("label", label)
+    if folders is not None:
+        datasets = confine_image_paths(title, datasets, *folders)
     return _finish(f"Hub data set {title}", datasets, opts, official=None, listed_in=title)
 
 
@@ -782,7 +810,10 @@ def load_retrieval_dataset(
         name_or_path: a loader name (`cub200`, `cars196`, `sop`, `inshop`, `flowers102`, `imagefolder`, `hub`,
             or an alias such as `cub`, `cars`, `flowers`), or a directory whose layout is detected
             (`detect_layout`), or a `.parquet` file / glob (loaded with `load_hub_dataset`).
-        root: the data set's directory for the named layouts; for `hub`, the Hub id or parquet path.
+        root: the data set's directory for the named layouts; for `hub`, the Hub id or parquet path. Without
+            it, `cub200`, `cars196` and `flowers102` load their pinned Hub copy
+            (`prompt_peft.data.hub_datasets.load_benchmark_from_hub`; `revision=` / `repo_id=` override the
+            pin), and `sop` / `inshop` raise `FileNotFoundError` saying where to get the official files.
         **kwargs: the loader's own options, plus the checks every loader takes:
             `check_counts=True` compare with the official counts (`OFFICIAL_COUNTS`) and raise
             `DatasetCountError` on a mismatch; `expected_counts={"all" | split: (images, classes or None)}`
@@ -790,7 +821,8 @@ def load_retrieval_dataset(
             every image before returning; `on_bad_image="raise"` raise `BadImagesError` listing missing,
             unreadable or tiny files, or `"skip"` to leave them out with a logged warning; `min_size=16`
             smallest acceptable shorter side for `verify_images`; `num_workers` threads for it;
-            `progress=True` show a progress bar.
+            `progress=True` show a progress bar; `skipped=<a list>` receives the `BadImage` of every image
+            left out by `on_bad_image="skip"`.
 
     Files listed in annotations but absent on disk are always detected (a cheap stat); decoding every image is
     opt-in because it takes minutes on SOP (about 2,000 small images/s on 2 cores).
@@ -799,6 +831,12 @@ def load_retrieval_dataset(
     loader_name = _canonical(text)
     if loader_name is not None and not (root is None and os.path.isdir(text)):
         if root is None:
+            from .hub_datasets import HUB_SOURCES, OFFICIAL_ONLY, load_benchmark_from_hub
+
+            if loader_name in HUB_SOURCES:  # no local copy: the pinned Hub copy
+                return load_benchmark_from_hub(loader_name, **kwargs)
+            if loader_name in OFFICIAL_ONLY:
+                raise FileNotFoundError(f"{text} needs root= (its official files). {OFFICIAL_ONLY[loader_name]}")
             raise ValueError(f"load_retrieval_dataset({text!r}) needs root= (the data set's directory or source)")
         return LOADERS[loader_name](root, **kwargs)
     if root is not None:

@@ -23,15 +23,32 @@ from .images import to_rgb
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
+def _size_field(size, key: str):
+    # a dict, or transformers 5's SizeDict (attributes, None when unset)
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
 def _native_size(processor) -> tuple[int, Optional[int]]:
-    """(crop or target size, short-side resize or None) of a transformers image processor."""
+    """(crop or target size, short-side resize or None) of an image processor: transformers' own (``size`` /
+    ``crop_size``), timm's (``data_config``: input size and ``crop_pct``) or a NaFlex one (SigLIP 2: the square of
+    ``max_num_patches`` patches)."""
+    data_config = getattr(processor, "data_config", None)
+    if data_config:  # timm: resize the short side to size / crop_pct, centre-crop
+        size = int(data_config["input_size"][-1])
+        crop_pct = data_config.get("crop_pct") or 1.0
+        return size, (math.floor(size / crop_pct) if crop_pct < 1 else None)
+    if getattr(processor, "max_num_patches", None):  # NaFlex: the native grid, as a square
+        return int(math.isqrt(processor.max_num_patches)) * int(processor.patch_size), None
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     size = getattr(processor, "size", None) or {}
     if crop:
-        return int(crop["height"]), int(size.get("shortest_edge", crop["height"]))
-    if "shortest_edge" in size:
-        return int(size["shortest_edge"]), None
-    return int(size.get("height", 224)), None
+        height = _size_field(crop, "height")
+        return height, _size_field(size, "shortest_edge") or height
+    shortest = _size_field(size, "shortest_edge")
+    if shortest:
+        return shortest, None
+    return _size_field(size, "height") or 224, None
 
 
 def _normalise(image: Image.Image, mean, std) -> torch.Tensor:
@@ -39,18 +56,49 @@ def _normalise(image: Image.Image, mean, std) -> torch.Tensor:
     return (array - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+_TIMM_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
 def _resample(processor) -> int:
+    data_config = getattr(processor, "data_config", None)
+    if data_config:
+        return int(_TIMM_RESAMPLE.get(data_config.get("interpolation"), Image.Resampling.BICUBIC))
     value = getattr(processor, "resample", Image.Resampling.BICUBIC)
     return int(getattr(value, "value", value))
 
 
-def eval_transform(processor, image_size: Optional[int] = None) -> Transform:
-    """Deterministic preprocessing for embedding: the processor itself, or its scheme at ``image_size``."""
-    if image_size is None:
-        return lambda image: processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0]
+def _mean_std(processor) -> tuple[list[float], list[float]]:
+    data_config = getattr(processor, "data_config", None)
+    if data_config:
+        return list(data_config["mean"]), list(data_config["std"])
+    return list(processor.image_mean), list(processor.image_std)
+
+
+def preprocessing_of(processor, image_size: Optional[int] = None) -> dict[str, Any]:
+    """The evaluation preprocessing of ``processor`` at ``image_size`` (default: its native size), as plain values
+    an adapter config can record: ``image_size``, ``resize_shortest_edge`` (None: resize straight to the square),
+    ``mean``, ``std``, ``resample`` (PIL), and ``processor``: True when it is the processor's own call (its native
+    size, a processor that returns images), which :func:`eval_transform` then calls for identical numbers."""
     native, resize = _native_size(processor)
-    short_side = round(image_size * resize / native) if resize else None
-    mean, std, resample = processor.image_mean, processor.image_std, _resample(processor)
+    size = image_size or native
+    mean, std = _mean_std(processor)
+    return {
+        "image_size": size,
+        "resize_shortest_edge": round(size * resize / native) if resize else None,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "resample": _resample(processor),
+        "processor": image_size is None and not getattr(processor, "max_num_patches", None),
+    }
+
+
+def transform_from_preprocessing(preprocessing: dict[str, Any], processor=None) -> Transform:
+    """The deterministic transform a recorded :func:`preprocessing_of` describes (``processor`` is called when the
+    record says it was the processor's own call and one is given)."""
+    if preprocessing.get("processor") and processor is not None:
+        return lambda image: processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0]
+    image_size, short_side = int(preprocessing["image_size"]), preprocessing.get("resize_shortest_edge")
+    mean, std, resample = preprocessing["mean"], preprocessing["std"], int(preprocessing["resample"])
 
     def transform(image: Image.Image) -> torch.Tensor:
         image = to_rgb(image)
@@ -64,6 +112,11 @@ def eval_transform(processor, image_size: Optional[int] = None) -> Transform:
         return _normalise(image, mean, std)
 
     return transform
+
+
+def eval_transform(processor, image_size: Optional[int] = None) -> Transform:
+    """Deterministic preprocessing for embedding: the processor itself, or its scheme at ``image_size``."""
+    return transform_from_preprocessing(preprocessing_of(processor, image_size), processor)
 
 
 def train_transform(
@@ -81,7 +134,7 @@ def train_transform(
     (``transform(image, rng)``); :class:`SeededRows` + :func:`make_collate_fn` do that.
     """
     image_size = image_size or _native_size(processor)[0]
-    mean, std, resample = processor.image_mean, processor.image_std, _resample(processor)
+    (mean, std), resample = _mean_std(processor), _resample(processor)
     default_rng = rng or random
 
     def transform(image: Image.Image, rng=None) -> torch.Tensor:

@@ -28,7 +28,8 @@ def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
         lambda module, args, output: captured.setdefault("pooled", output)
     )
     try:
-        out = model(pixel_values=pixel_values)
+        # the family's inputs for images of this size (an adapter's hook does the same; the bare backbone needs it)
+        out = model(**spec.model_inputs(base, pixel_values))
     finally:
         handle.remove()
     embeddings = out.get("embeddings") if hasattr(out, "get") else None

@@ -8,10 +8,11 @@ from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, 
 from .checks import check_finite
 from .dataloader import build_train_dataloader
 from .diagnostics import proxy_diagnostics
-from .evaluation import evaluate_retrieval, format_metrics
+from .evaluation import evaluate_frozen_backbone, evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler
 from .row_sparse import RowSparseAdamW, clip_grad_norm_, clip_gradients
 from .step import StepOutput, find_tuner, training_step
+from .summary import card_kwargs, format_run_summary
 
 __all__ = [
     "PROXY_LR_FACTOR",
@@ -20,13 +21,16 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "build_train_dataloader",
+    "card_kwargs",
     "check_finite",
     "clip_grad_norm_",
+    "evaluate_frozen_backbone",
     "clip_gradients",
     "evaluate_retrieval",
     "find_tuner",
     "format_metrics",
     "proxy_diagnostics",
+    "format_run_summary",
     "list_checkpoints",
     "load_checkpoint",
     "resolve_checkpoint",

@@ -46,6 +46,14 @@ def evaluate_retrieval(
     return (metrics, embedded) if return_embeddings else metrics
 
 
+def evaluate_frozen_backbone(model, splits, collate_fn: Callable, **kwargs):
+    """`evaluate_retrieval` of the backbone alone (the adapter of a ``PeftModel`` disabled): the baseline an
+    adapter has to beat, measured with the same data, resolution and pooled token."""
+    unwrapped = kwargs["accelerator"].unwrap_model(model) if kwargs.get("accelerator") is not None else model
+    with unwrapped.disable_adapter():
+        return evaluate_retrieval(unwrapped, splits, collate_fn, **kwargs)
+
+
 def format_metrics(metrics: dict[str, float], prefix: Optional[str] = None) -> str:
     """One readable line, e.g. ``epoch 3 | R@1 71.20 | R@2 80.05 | ... | MAP@R 31.4 | RP 40.2`` (percent)."""
     names = {"map@r": "MAP@R", "r_precision": "RP"}

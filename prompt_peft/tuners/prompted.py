@@ -43,6 +43,7 @@ from ..backbones import BackboneSpec
 from ..distributed import gather_across_processes
 from ..losses import LossInputs, ProxyAnchorLoss
 from .context import ForwardContext, close_context, current_context, open_context, use_context
+from ..strict_loading import check_adapter_state_dict
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -76,6 +77,13 @@ class PromptedConfig(PeftConfig):
     )
     backbone_num_layers: Optional[int] = field(
         default=None, metadata={"help": "Recorded from the backbone; checked when the adapter is loaded."}
+    )
+    image_preprocessing: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "The resolution and preprocessing the adapter was trained with (prompt_peft.data.preprocessing_of"
+            "), recorded by the training script; prompt_peft.image_transform(model) and examples/evaluate.py use it."
+        },
     )
 
     def __post_init__(self):
@@ -264,7 +272,11 @@ class PromptedBlock(nn.Module, PromptedLayer):
         "prompt": Container("parameters", "prompt"),
         "prompt_proj": Container("modules", "prompt"),  # owned by the first prompted layer
     }
-    plain_dicts = ("prompt_step", "prompt_dropout", "shared_projection")  # shared_projection: references
+    # False when the block's steps read this call's context (scores of earlier blocks, the branch): they cannot be
+    # re-run outside the call, as a backbone that checkpoints whole wrapped blocks (timm) would in the backward pass
+    recomputable = True
+    # shared_projection: references; prompt_carried: prompt tokens arriving from the previous block
+    plain_dicts = ("prompt_step", "prompt_carried", "prompt_dropout", "shared_projection")
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: PromptedConfig, index: int, spec: BackboneSpec
@@ -287,8 +299,10 @@ class PromptedBlock(nn.Module, PromptedLayer):
         return getattr(self, self.prefix + "prompt_proj")
 
     def update_layer(self, adapter_name: str, config: TokenPromptConfig) -> None:
-        step = config.prompt_schedule(self.num_layers)[self.index]
+        schedule = config.prompt_schedule(self.num_layers)
+        step = schedule[self.index]
         self.prompt_step[adapter_name] = step
+        self.prompt_carried[adapter_name] = sum(s.new - s.drop - s.strip for s in schedule[: self.index])
         self.prompt_dropout[adapter_name] = config.resolved_prompt_dropout
         self.create_adapter_tensors(adapter_name, config, step)
         self.set_adapter(self.active_adapters)
@@ -307,7 +321,6 @@ class PromptedBlock(nn.Module, PromptedLayer):
         adapter = self._running_adapter(self.prompt_step)
         if adapter is None:
             return self.base_layer(hidden_states, *args, **kwargs)
-        _refuse_attention_mask(args, kwargs)
         context = current_context()
         step = self.prompt_step[adapter]
         hidden_states = self.before_block(adapter, context, hidden_states)
@@ -317,6 +330,8 @@ class PromptedBlock(nn.Module, PromptedLayer):
         added = 0 if fresh is None else fresh.shape[1]
         if added:
             hidden_states = torch.cat([hidden_states, fresh], dim=1)
+        # the block's other inputs for this many prompt tokens (DINOv3's rotary tables, SigLIP 2's mask)
+        args, kwargs = self.spec.block_inputs(args, kwargs, self.prompt_carried[adapter] - step.drop + added)
         out = self.run_block(adapter, context, hidden_states, *args, **kwargs)
         strip = step.strip + added - step.new
         return out[:, :-strip] if strip else out
@@ -343,16 +358,6 @@ class PromptedBlock(nn.Module, PromptedLayer):
     ) -> torch.Tensor:
         """The wrapped block on the prompted sequence (its output keeps every token)."""
         return self.base_layer(hidden_states, *args, **kwargs)
-
-
-def _refuse_attention_mask(args: tuple, kwargs: dict) -> None:
-    # ViT-family backbones build no mask for images; a user-given one would not cover the prompt tokens.
-    mask = args[0] if args else kwargs.get("attention_mask")
-    if mask is not None:
-        raise ValueError(
-            "prompt_peft adapters do not support an attention_mask on the backbone: it would not cover the "
-            "prompt tokens. Call the model with pixel_values only."
-        )
 
 
 class EmbeddingHead(nn.Module, PromptedLayer):
@@ -478,9 +483,15 @@ def find_head(model: nn.Module) -> Optional[EmbeddingHead]:
 
 
 def _open_call(model: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: take ``labels`` (and ``return_loss_inputs``) and open this call's context."""
+    """Forward pre-hook: take ``labels`` (and ``return_loss_inputs``) and open this call's context. Also gives the
+    backbone the inputs its family needs for a batch of images (``interpolate_pos_encoding`` at a non-native size,
+    SigLIP 2's patch sequences, ...), so every caller can pass ``pixel_values`` of any size alone."""
     head = find_head(model)
     adapter = head.running_adapter() if head is not None else None
+    if head is not None:
+        args, kwargs = _family_inputs(model, head.spec, args, kwargs)
+        if adapter is not None and head.spec.recomputes_blocks(model):
+            _check_recomputable(model, head.spec)
     kwargs = dict(kwargs)
     want_inputs = bool(kwargs.pop(LOSS_INPUTS_KWARG, False))
     labels = None
@@ -494,6 +505,29 @@ def _open_call(model: nn.Module, args: tuple, kwargs: dict):
             )
     open_context(ForwardContext(labels=labels, owner=id(model), want_inputs=want_inputs))
     return args, kwargs
+
+
+def _check_recomputable(model: nn.Module, spec: BackboneSpec) -> None:
+    block = model.get_submodule(spec.block_paths[0])
+    if isinstance(block, PromptedBlock) and not block.recomputable:
+        raise ValueError(
+            f"{type(block).__name__} cannot train with {spec.model_class}'s own activation checkpointing: it "
+            "re-runs whole prompted blocks in the backward pass, outside this call, and these blocks read what "
+            "earlier blocks of the call computed. Train without activation checkpointing on this backbone (VPT and "
+            "FRPT support it), or use a transformers ViT, which checkpoints inside each block."
+        )
+
+
+def _family_inputs(model: nn.Module, spec: BackboneSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with ``pixel_values`` (first positional or keyword) expanded by
+    :meth:`BackboneSpec.model_inputs`; keyword arguments the caller gave win."""
+    if len(args) > 1:  # a caller who passes more inputs positionally has built them: leave them alone
+        return args, kwargs
+    pixel_values = args[0] if args else kwargs.get("pixel_values")
+    if not isinstance(pixel_values, torch.Tensor):
+        return args, kwargs
+    given = {k: v for k, v in kwargs.items() if k != "pixel_values"}
+    return (), {**spec.model_inputs(model, pixel_values), **given}
 
 
 def _close_call(model: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -551,6 +585,7 @@ class PromptedTuner(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: PromptedConfig, adapter_name: str) -> None:
         self.spec = BackboneSpec.from_model(model)
+        self.spec.check_method(self.prefix)
         self._check_config_fits_backbone(config)
 
     def _check_config_fits_backbone(self, config: PromptedConfig) -> None:
@@ -648,6 +683,14 @@ class PromptedTuner(BaseTuner):
             if parts[i] == adapter_name and parts[i - 1].startswith(cls.prefix):
                 return ".".join(parts[:i] + parts[i + 1 :])
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # peft loads with strict=False; a prompt_peft adapter loads exactly or raises (see strict_loading).
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_state_dict(cls, model, config, adapter_name, remapped)
+        return remapped
+
 
     # -- method hooks every script calls the same way ---------------------------------------------------------
 

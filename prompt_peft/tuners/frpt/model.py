@@ -38,12 +38,11 @@ class FRPTLayout:
 
     embeddings: str  # takes pixel_values
     head: str  # its output holds the final patch tokens
-    pre_norm: str | None = None  # between embeddings and block 0 (CLIP's pre_layrnorm)
     final_norm: str | None = None  # applied by the head to the head module's output (CLIP's post_layernorm)
 
     @classmethod
     def from_spec(cls, spec: BackboneSpec) -> FRPTLayout:
-        return cls(spec.embeddings, spec.tokens_module, pre_norm=spec.pre_norm, final_norm=spec.tokens_norm)
+        return cls(spec.embeddings, spec.tokens_module, final_norm=spec.tokens_norm)
 
 
 class FRPTLayer(PromptedLayer):
@@ -118,12 +117,12 @@ class PixelPrompt(nn.Module, FRPTLayer):
         config: FRPTConfig,
         spec: BackboneSpec,
         blocks: nn.ModuleList,
-        pre_norm: nn.Module | None = None,
+        model: nn.Module,
     ):
         super().__init__()
         self._init_wrapper(base_layer)
         self.spec = spec
-        self._backbone = {"blocks": blocks, "pre_norm": pre_norm}  # plain dict: references, not submodules
+        self._backbone = {"blocks": blocks, "model": model}  # plain dict: references, not submodules
         self.update_layer(adapter_name, config)
 
     def __getattr__(self, name: str):
@@ -176,15 +175,14 @@ class PixelPrompt(nn.Module, FRPTLayer):
     def early_features(self, num_blocks: int, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Patch tokens after ``num_blocks`` frozen blocks, as a float32 map ``(B, D, h, w)``."""
         blocks = [_unwrapped(block) for block in list(self._backbone["blocks"])[:num_blocks]]
-        pre_norm = self._backbone["pre_norm"]
-        modules = [self.base_layer, *blocks] + ([pre_norm] if pre_norm is not None else [])
+        modules = [self.base_layer, *blocks]
         trainable = pixel_values.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            hidden = self.base_layer(pixel_values, *args, **kwargs)
-            if pre_norm is not None:
-                hidden = pre_norm(hidden)
+            embedded = self.base_layer(pixel_values, *args, **kwargs)
+            # the backbone's own steps between embeddings and block 0 (pre-norm, position embeddings, rotary tables)
+            hidden, block_kwargs = self.spec.encoder_inputs(self._backbone["model"], embedded, pixel_values)
             for block in blocks:
-                hidden = block(hidden, None)  # ViT-family blocks: (hidden_states, attention_mask) -> tensor
+                hidden = block(hidden, None, **block_kwargs)  # (hidden_states, attention_mask, ...) -> tensor
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         height, width = (size // self.spec.patch_size for size in pixel_values.shape[-2:])
         patches = hidden[:, self.spec.num_prefix_tokens :]
@@ -280,7 +278,7 @@ class FRPTModel(PromptedTuner):
         # A plain dict: modules set as attributes of the tuner would become its children, and peft saves those.
         self._backbone_parts = {
             "blocks": model.get_submodule(self.spec.block_list),
-            "pre_norm": model.get_submodule(self.layout.pre_norm) if self.layout.pre_norm else None,
+            "model": model,
             "final_norm": model.get_submodule(self.layout.final_norm) if self.layout.final_norm else None,
         }
 
@@ -307,7 +305,7 @@ class FRPTModel(PromptedTuner):
     def _wrap(self, target, target_name, current_key, adapter_name, config) -> nn.Module:
         parts = self._backbone_parts
         if current_key == self.layout.embeddings:
-            return PixelPrompt(target, adapter_name, config, self.spec, parts["blocks"], parts["pre_norm"])
+            return PixelPrompt(target, adapter_name, config, self.spec, parts["blocks"], parts["model"])
         return FRPTHead(target, adapter_name, config, self.spec, final_norm=parts["final_norm"])
 
     def _check_merge_allowed(self):

@@ -112,6 +112,7 @@ class SemanticProxyBlock(PromptedBlock):
     """One encoder block: shared prompts (sample branch) or the class prompts of the labels (proxy branch)."""
 
     prefix = PREFIX
+    recomputable = False  # the prompts depend on the call's branch and labels
     containers = {
         "patch_bias": Container("parameters", "bias_delta"),
         "class_prompt": Container("modules", "class_prompt"),

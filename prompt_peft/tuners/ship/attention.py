@@ -21,6 +21,13 @@ How it plugs into transformers without copying its attention code:
   attention does not forward its keywords to the attention function, which is why the hook carries it there.
 * Without a :class:`DecoupledCall` (adapter disabled, another adapter, the bare model) the function calls the
   original implementation with the original arguments: the bare backbone's output, bit for bit.
+* timm's ``Attention`` (timm ViTs through ``TimmWrapperModel``) calls ``F.scaled_dot_product_attention`` itself and
+  its blocks take no keyword arguments. :func:`install` gives each such module an instance ``forward`` that runs
+  the module's own ``qkv`` / ``q_norm`` / ``k_norm`` / ``norm`` / ``proj`` around :func:`decoupled_attention` (each
+  softmax with timm's fused or explicit attention, as the module is set) when :func:`run_block` left it a
+  :class:`DecoupledCall`, and the class's ``forward`` otherwise; :func:`uninstall` removes it.
+* An attention mask (SigLIP 2's padded patch sequences) is cut into the same image / prompt parts; the prompts are
+  attended by every query, and padded keys never rank as attribute or matching tokens.
 
 The call also returns the [CLS] row's pre-softmax logits over the image keys, averaged over heads (the
 attribute prompts and the matching loss pick their top-k tokens from them): one extra ``(1 × T)`` product per
@@ -30,12 +37,14 @@ mean query, since they are linear in the query.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import AttentionInterface
@@ -65,12 +74,21 @@ class DecoupledCall:
 
 
 def decoupled_attention(
-    base: Callable, module: nn.Module, query, key, value, call: DecoupledCall, hidden: torch.Tensor, **kwargs
+    base: Callable,
+    module: nn.Module,
+    query,
+    key,
+    value,
+    call: DecoupledCall,
+    hidden: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Decoupled attention from ``(B, H, S, d)`` projections; returns ``(B, S, H, d)`` like transformers' functions.
 
     ``base`` is the original attention function (eager or sdpa) and computes every softmax; ``hidden`` is the
-    attention module's input ``(B, S, H·d)``; ``kwargs`` are what the module passed (scaling, dropout, ...).
+    attention module's input ``(B, S, H·d)``; ``attention_mask`` a 4-D mask over all ``S`` tokens (prompts
+    attended) or None; ``kwargs`` are what the module passed (scaling, dropout, ...).
     """
     T = call.num_image_tokens
     batch, heads, length, head_dim = query.shape
@@ -82,25 +100,45 @@ def decoupled_attention(
     q_image, q_prompt = query.split([T, n_prompts], dim=2)
     k_image, k_prompt = key.split([T, n_prompts], dim=2)
     v_image, v_prompt = value.split([T, n_prompts], dim=2)
-    out, _ = base(module, q_image, k_image, v_image, None, **kwargs)
+    image, prompts, every = slice(0, T), slice(T, length), slice(0, length)
+    out, _ = base(module, q_image, k_image, v_image, _mask_part(attention_mask, image, image), **kwargs)
     if n_prompts and call.weight:
-        to_prompts, _ = base(module, q_image, k_prompt, v_prompt, None, **kwargs)
+        to_prompts, _ = base(module, q_image, k_prompt, v_prompt, _mask_part(attention_mask, image, prompts), **kwargs)
         out = (1 - call.weight) * out + call.weight * to_prompts
     if n_prompts:
         if call.prompts_query:
-            prompt_out, _ = base(module, q_prompt, key, value, None, **kwargs)
-        else:  # no attention for prompts: the output projection sees their normed input h_p ()
+            prompt_out, _ = base(module, q_prompt, key, value, _mask_part(attention_mask, prompts, every), **kwargs)
+        else:  # no attention for prompts: the output projection sees their normed input h_p
             prompt_out = hidden[:, T:].reshape(batch, n_prompts, heads, head_dim).to(out.dtype)
         out = torch.cat([out, prompt_out], dim=1)
-    call.scores = query_scores(q_image, k_image, call.query_token, kwargs.get("scaling"))
+    valid = None
+    if attention_mask is not None:  # padded tokens: neither in the mean query nor among the top-scored tokens
+        keys = attention_mask[:, 0, 0, :T]
+        valid = (keys if keys.dtype == torch.bool else keys == 0).to(q_image.device)
+    call.scores = query_scores(q_image, k_image, call.query_token, kwargs.get("scaling"), valid)
+    if valid is not None:
+        call.scores = call.scores.masked_fill(~valid, float("-inf"))
     call.ran = True
     return out, None
 
 
-def query_scores(q_image, k_image, query_token: Optional[int], scaling: Optional[float]) -> torch.Tensor:
-    """Head-mean pre-softmax logits ``(B, T)`` of one query row (the [CLS]) or of the mean image query."""
+def _mask_part(mask: Optional[torch.Tensor], rows: slice, cols: slice) -> Optional[torch.Tensor]:
+    """The block of a 4-D mask for these query rows and key columns (a ``Q == 1`` mask broadcasts its row)."""
+    if mask is None:
+        return None
+    return mask[..., rows if mask.shape[-2] > 1 else slice(None), cols]
+
+
+def query_scores(
+    q_image, k_image, query_token: Optional[int], scaling: Optional[float], valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Head-mean pre-softmax logits ``(B, T)`` of one query row (the [CLS]) or of the mean image query (over the
+    ``valid`` tokens ``(B, T)`` when given)."""
     with torch.no_grad():
-        if query_token is None:
+        if query_token is None and valid is not None:
+            weights = valid.float()[:, None, :, None]
+            q = (q_image.float() * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True)
+        elif query_token is None:
             q = q_image.float().mean(dim=2, keepdim=True)
         else:
             q = q_image[:, :, query_token : query_token + 1].float()
@@ -127,10 +165,8 @@ def _implementation(base_name: str) -> Callable:
         request = module.__dict__.pop(_CALL_ATTR, None)  # taken, so the module keeps no tensor between calls
         if request is None:
             return base(module, query, key, value, attention_mask, **kwargs)
-        if attention_mask is not None:
-            raise ValueError("SHIP's decoupled attention does not take an attention mask")
         call, hidden = request
-        return decoupled_attention(base, module, query, key, value, call, hidden, **kwargs)
+        return decoupled_attention(base, module, query, key, value, call, hidden, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base_name}"
     return attention
@@ -153,15 +189,71 @@ def _take_call(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def find_attention(block: nn.Module) -> nn.Module:
-    """The module of an encoder block that projects q/k/v and calls the attention function."""
+    """The module of an encoder block that projects q/k/v and calls the attention function (transformers'
+    ``q_proj`` / ``k_proj`` / ``v_proj``, or timm's fused ``qkv``)."""
     for module in block.modules():
         if all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj")):
             return module
-    raise ValueError(f"{type(block).__name__} has no attention module with q_proj/k_proj/v_proj")
+        if _is_timm_attention(module):
+            return module
+    raise ValueError(f"{type(block).__name__} has no attention module with q_proj/k_proj/v_proj or qkv/proj")
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Linear) for name in ("qkv", "proj")) and hasattr(
+        module, "head_dim"
+    )
+
+
+def run_block(block: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict, call: DecoupledCall):
+    """``block(hidden_states, *args, **kwargs)`` with ``call`` reaching its attention: as the block keyword
+    ``ship_attention`` (transformers), or handed straight to timm's attention, whose blocks take no keywords."""
+    attention = find_attention(block)
+    if _is_timm_attention(attention):
+        # set just before the call (a checkpointed block re-runs this wrapper, so the replay gets it too)
+        attention.__dict__[_CALL_ATTR] = (call, None)
+        try:
+            return block(hidden_states, *args, **kwargs)
+        finally:
+            attention.__dict__.pop(_CALL_ATTR, None)
+    return block(hidden_states, *args, **kwargs, **{CALL_KWARG: call})
+
+
+def _timm_softmax(module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float):
+    """One softmax attention as timm's ``Attention`` computes it (fused or explicit), in transformers' layout
+    ``(B, S, H, d)``."""
+    if module.fused_attn:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+    else:  # timm's blocks get no mask from TimmWrapperModel: there is none to add here
+        weights = (query * scaling) @ key.transpose(-2, -1)
+        out = module.attn_drop(weights.softmax(dim=-1)) @ value
+    return out.transpose(1, 2), None
+
+
+def _timm_attention_forward(module: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+    request = module.__dict__.pop(_CALL_ATTR, None)
+    if request is None:
+        return type(module).forward(module, x, attn_mask=attn_mask, is_causal=is_causal)
+    if attn_mask is not None or is_causal:
+        raise ValueError("SHIP's decoupled attention on timm takes no attention mask and no causal attention")
+    call, _ = request
+    batch, length, _ = x.shape
+    qkv = module.qkv(x).reshape(batch, length, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv.unbind(0)
+    query, key = module.q_norm(query), module.k_norm(key)
+    dropout = module.attn_drop.p if module.training else 0.0
+    out, _ = decoupled_attention(
+        _timm_softmax, module, query, key, value, call, x, scaling=module.scale, dropout=dropout
+    )
+    out = module.norm(out.reshape(batch, length, module.num_heads * module.head_dim))
+    return module.proj_drop(module.proj(out))
 
 
 def install(model: nn.Module, blocks: list[nn.Module], hidden_size: int) -> None:
     """Route the backbone's attention through SHIP's implementation (idempotent)."""
+    if blocks and _is_timm_attention(find_attention(blocks[0])):
+        _install_timm(blocks, hidden_size)
+        return
     config = model.config
     current = config._attn_implementation or "eager"
     base = current.removeprefix(PREFIX)
@@ -186,6 +278,18 @@ def install(model: nn.Module, blocks: list[nn.Module], hidden_size: int) -> None
     config._attn_implementation = PREFIX + base
 
 
+def _install_timm(blocks: list[nn.Module], hidden_size: int) -> None:
+    for block in blocks:
+        attention = find_attention(block)
+        if getattr(attention, "gate", None) is not None or attention.num_heads * attention.head_dim != hidden_size:
+            raise ValueError(
+                f"SHIP's decoupled attention needs timm's plain Attention (no gate, heads x head_dim == hidden size), "
+                f"but this model has {type(attention).__name__} with other settings."
+            )
+        if "forward" not in attention.__dict__:
+            attention.forward = functools.partial(_timm_attention_forward, attention)
+
+
 def _require_keywords(block: nn.Module) -> None:
     parameters = inspect.signature(block.forward).parameters.values()
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
@@ -199,8 +303,12 @@ def _require_keywords(block: nn.Module) -> None:
 def uninstall(model: nn.Module, blocks: list[nn.Module]) -> None:
     """Undo :func:`install`: the backbone's own attention implementation, no hooks."""
     for block in blocks:
-        _require_keywords(block)
         attention = find_attention(block)
+        if _is_timm_attention(attention):
+            attention.__dict__.pop("forward", None)
+            attention.__dict__.pop(_CALL_ATTR, None)
+            continue
+        _require_keywords(block)
         handle = attention.__dict__.pop(_HOOK_ATTR, None)
         if handle is not None:
             handle.remove()

@@ -213,7 +213,7 @@ def collect_statistics(
                 pixels = pixels[: max_images - seen]
             if len(pixels) == 0:
                 break
-            base(pixel_values=pixels.to(device=parameter.device, dtype=parameter.dtype))
+            base(**spec.model_inputs(base, pixels.to(device=parameter.device, dtype=parameter.dtype)))
             features = torch.stack(captured).cpu()  # (L, B, D)
             normed = F.normalize(features.double(), dim=-1)
             affinity_sum += torch.einsum("lbd,mbd->lm", normed, normed)

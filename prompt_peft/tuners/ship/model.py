@@ -47,6 +47,7 @@ class Links:
 
 class SHIPBlock(PromptedBlock):
     prefix = "ship_"
+    recomputable = False  # the attribute prompts read the previous block's scores of this call
     containers = {
         "shared_prompt": Container("parameters", "prompt"),
         "attribute_prompt": Container("parameters", "prompt"),
@@ -150,7 +151,7 @@ class SHIPBlock(PromptedBlock):
             prompts_query=plan.prompts_query,
             query_token=0 if self.spec.num_prefix_tokens else None,  # no [CLS] (SigLIP): the mean image query
         )
-        out = self.base_layer(hidden_states, *args, **kwargs, **{ship_attention.CALL_KWARG: call})
+        out = ship_attention.run_block(self.base_layer, hidden_states, args, kwargs, call)
         if not call.ran:
             raise RuntimeError(
                 "SHIP's decoupled attention did not run: the backbone's attention implementation was changed after "
