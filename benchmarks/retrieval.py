@@ -82,6 +82,14 @@ ROWS = {
     "semantic_proxy": Row("SemanticProxyVPT", "semantic_proxy", {"bitfit": False}),
     "semantic_proxy_bitfit": Row("SemanticProxyVPT + BitFit", "semantic_proxy", {"bitfit": True}),
     "frpt": Row("FRPT", "frpt", {}),
+    # what users would pick instead, with the same head and loss (prompt_peft.backbone_tuning)
+    "bitfit": Row("BitFit (biases)", "vpt", {"num_prompts": 0}, {"backbone_lr": 1e-3, "backbone_tuning": "bias"}),
+    "lora": Row(
+        "LoRA (peft, q/k/v, rank 8)",
+        "vpt",
+        {"num_prompts": 0},
+        {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8},
+    ),
 }
 METRICS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
            ("map@r", "MAP@R"), ("r_precision", "R-Prec")]  # fmt: skip
@@ -108,31 +116,40 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train_command(args, row: Row, seed: int, out: Path) -> list[str]:
-    preset = PRESETS[args.preset]
+    settings = {**TRAINING, **PRESETS[args.preset], **row.train_args}
+    return train_job(args, row.method, row.method_kwargs, seed, out, settings)
+
+
+def train_job(args, method: str, method_kwargs: dict, seed: int, out: Path, settings: dict) -> list[str]:
+    """The ``train_dml.py`` command of one run: ``settings``, then the method, data, seed and output."""
     values = {
-        **TRAINING,
-        **preset,
-        **row.train_args,
-        "method": row.method,
-        "method_kwargs": json.dumps(row.method_kwargs),
+        **settings,
+        "method": method,
+        "method_kwargs": json.dumps(method_kwargs),
         "backbone": args.backbone,
         "dataset": args.dataset,
         "seed": seed,
         "output_dir": str(out),
         "resume_from_checkpoint": "latest",  # no-op on a fresh run; continues an interrupted one
     }
+    return script_command(TRAIN_SCRIPT, args, values) + shlex.split(args.extra_train_args)
+
+
+def script_command(script: Path, args, values: dict) -> list[str]:
+    """``python <script> --key value ...``, plus the data set location and count check of ``args``."""
     if args.data_root:
-        values["data_root"] = args.data_root
+        values = {**values, "data_root": args.data_root}
     if args.no_check_counts:
-        values["check_counts"] = "false"
-    command = [sys.executable, str(TRAIN_SCRIPT)]
+        values = {**values, "check_counts": "false"}
+    command = [sys.executable, str(script)]
     for key, value in values.items():
         command += [f"--{key}", str(value)]
-    return command + shlex.split(args.extra_train_args)
+    return command
 
 
-def eval_command(args, out: Path) -> list[str]:
-    preset = PRESETS[args.preset]
+def eval_command(args, out: Path, preset: dict | None = None) -> list[str]:
+    """The frozen row: ``examples/evaluate.py`` on the bare backbone (``preset`` defaults to ``args.preset``'s)."""
+    preset = preset or PRESETS[args.preset]
     command = [sys.executable, str(EVAL_SCRIPT), "--backbone", args.backbone, "--dataset", args.dataset]
     command += ["--image_size", str(preset["image_size"]), "--batch_size", str(preset["eval_batch_size"])]
     command += ["--num_workers", str(preset["num_workers"]), "--output", str(out / "results.json")]
@@ -169,12 +186,7 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
     out = Path(args.work_dir) / args.preset / result_path.stem
     out.mkdir(parents=True, exist_ok=True)
     command = train_command(args, row, seed, out) if row.method else eval_command(args, out)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(out / "log.txt", "a") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    if code != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {code}); see {out / 'log.txt'}")
-    raw = json.loads((out / "results.json").read_text())
+    raw = run_logged(command, out, f"{name} seed {seed}")
     if row.method:
         metrics, params = raw["final_metrics"], raw["parameters"]
         train_seconds, eval_images, eval_seconds = raw["train_seconds"], raw["eval_images"], raw["eval_seconds"]
@@ -189,22 +201,46 @@ def run_one(args, name: str, seed: int | None, result_path: Path) -> dict:
         "settings": {**PRESETS[args.preset], **(TRAINING if row.method else {}), **row.train_args},
         "method": row.method,
         "method_kwargs": row.method_kwargs,
-        "backbone": portable(args.backbone),
-        "dataset": args.dataset,
         "metrics": metrics,
         "parameters": params,
         "train_seconds": train_seconds,
+        **run_facts(args, command, eval_images, eval_seconds),
+    }
+    write_record(result_path, result)
+    return result
+
+
+def run_facts(args, command: list[str], eval_images: int, eval_seconds: float) -> dict:
+    """What every record says about its run besides the metrics: backbone, data set, inference speed, machine and
+    the command, all without this machine's paths."""
+    return {
+        "backbone": portable(args.backbone),
+        "dataset": args.dataset,
         # a tiny test set on a fast machine can evaluate within the clock's resolution
         "inference_images_per_second": round(eval_images / max(eval_seconds, 1e-3), 1),
         "machine": machine(),
         # the command with the machine's paths made relative, so the record is portable
         "command": " ".join(shlex.quote(portable(c)) for c in command),
     }
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(result_path)  # atomic: a half-written file never counts as done
-    return result
+
+
+def run_logged(command: list[str], out: Path, what: str) -> dict:
+    """Run one script in a child process from the checkout, appending its output to ``<out>/log.txt``; returns
+    the ``results.json`` it wrote. A non-zero exit raises, naming the log."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(out / "log.txt", "a") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit {code}); see {out / 'log.txt'}")
+    return json.loads((out / "results.json").read_text())
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a run record atomically: a half-written file never counts as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -275,12 +311,18 @@ def main(argv=None) -> list[dict]:
         result = run_one(args, name, seed, path[(name, seed)])
         tqdm.write(f"{name} seed {seed}: R@1 {100 * result['metrics']['recall@1']:.2f} ({time.time() - start:.0f} s)")
 
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    if results:
-        table = render_table(results, args.preset)
-        (Path(args.results_dir) / f"retrieval-{args.preset}.md").write_text(table)
+    return rebuild_table(results_dir, render_table, Path(args.results_dir) / f"retrieval-{args.preset}.md", args.preset)
+
+
+def rebuild_table(records_dir: Path, render, table_path: Path, preset: str) -> list[dict]:
+    """Read every JSON record of ``records_dir``, write (and print) ``render(records, preset)`` to ``table_path``
+    when there are any; returns the records."""
+    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
+    if records:
+        table = render(records, preset)
+        table_path.write_text(table)
         print(table)
-    return results
+    return records
 
 
 if __name__ == "__main__":

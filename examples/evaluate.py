@@ -25,7 +25,14 @@ from accelerate import Accelerator
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
-from prompt_peft.data import eval_transform, load_retrieval_dataset, make_collate_fn, preprocessing_of, with_rgb_images
+from prompt_peft.data import (
+    eval_transform,
+    load_retrieval_dataset,
+    make_collate_fn,
+    preprocessing_of,
+    protocol_splits,
+    with_rgb_images,
+)
 from prompt_peft.training import evaluate_retrieval
 
 NAMES = {
@@ -55,6 +62,10 @@ class EvalArguments:
     batch_size: int = field(default=64)
     num_workers: int = field(default=2)
     check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
+    eval_images_per_class: Optional[int] = field(
+        default=None, metadata={"help": "At most this many images per class (seeded by --val_seed)."}
+    )
+    val_seed: int = field(default=0, metadata={"help": "Seed of the per-class image cap."})
     output: str = field(default="eval_results.json", metadata={"help": "Where to write the metrics as JSON."})
 
 
@@ -83,6 +94,7 @@ def main(argv=None) -> dict:
     model.to(accelerator.device)
     processor = AutoImageProcessor.from_pretrained(processor_source)
     splits = load_retrieval_dataset(args.dataset, args.data_root, check_counts=args.check_counts)
+    splits = protocol_splits(splits, val_seed=args.val_seed, eval_images_per_class=args.eval_images_per_class)
     eval_splits = {k: v for k, v in with_rgb_images(splits).items() if k != "train"}
 
     recorded = getattr(getattr(model, "peft_config", {}).get("default"), "image_preprocessing", None)

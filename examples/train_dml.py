@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import prompt_peft
+from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
 from prompt_peft.config_checks import (
     ConfigError,
     check_settings,
@@ -51,11 +52,13 @@ from prompt_peft.training.output_dir import check_output_dir, describe_checkpoin
 from prompt_peft.hub import push_adapter_to_hub, save_adapter
 from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_curve
 from prompt_peft.data import (
+    VALIDATION,
     SeededRows,
     contiguous_labels,
     preprocessing_of,
     transform_from_preprocessing,
     make_collate_fn,
+    protocol_splits,
     train_transform,
     with_rgb_images,
 )
@@ -72,6 +75,7 @@ from prompt_peft.training import (
     format_run_summary,
     freeze_unused_backbone_parameters,
     load_checkpoint,
+    proxy_diagnostics,
     resolve_checkpoint,
     save_checkpoint,
     training_step,
@@ -106,6 +110,20 @@ class DataArguments:
     eval_batch_size: int = field(default=64)
     num_workers: int = field(default=2)
     check_counts: bool = field(default=True, metadata={"help": "Check the official image/class counts."})
+    val_classes: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold this fraction of the training classes out as a class-disjoint validation split (seeded "
+            "by --val_seed): every evaluation during training uses it, the test split is evaluated once at the end."
+        },
+    )
+    val_seed: int = field(default=0, metadata={"help": "Seed of the validation classes and of the image caps."})
+    eval_images_per_class: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate on at most this many images per class (validation and test)."}
+    )
+    eval_test: bool = field(
+        default=True, metadata={"help": "With --val_classes: also evaluate the test split at the end."}
+    )
     scan_images: Optional[bool] = field(
         default=None, metadata={"help": "Decode every image before training (default: on for local data)."}
     )
@@ -128,6 +146,14 @@ class TrainArguments:
             "fine-tuned backbone is saved to <output_dir>/backbone). Default: the backbone stays frozen."
         },
     )
+    backbone_tuning: str = field(
+        default="all",
+        metadata={
+            "help": "With --backbone_lr, which backbone parameters train: 'all' (full fine-tuning), 'bias' (BitFit) "
+            "or 'lora' (peft's LoRA on the attention projections, --lora_rank)."
+        },
+    )
+    lora_rank: int = field(default=8, metadata={"help": "Rank of --backbone_tuning lora."})
     activation_checkpointing: bool = field(
         default=False,
         metadata={
@@ -184,7 +210,7 @@ def method_options(model_args: ModelArguments) -> dict:
     )
 
 
-def build_model(model_args: ModelArguments, num_classes: int):
+def build_model(model_args: ModelArguments, num_classes: int, train_args: Optional[TrainArguments] = None):
     try:
         config = prompt_peft.method_config(
             model_args.method, model_args.method_kwargs, embedding_dim=model_args.embedding_dim, num_classes=num_classes
@@ -192,6 +218,8 @@ def build_model(model_args: ModelArguments, num_classes: int):
     except ValueError as error:
         raise SystemExit(f"--method / --method_kwargs: {error}") from None
     backbone = AutoModel.from_pretrained(model_args.backbone)
+    if train_args is not None and train_args.backbone_lr:
+        backbone = prepare_backbone(backbone, train_args.backbone_tuning, lora_rank=train_args.lora_rank)
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card
         model.peft_config["default"].base_model_name_or_path = model_args.base_model_hub_id
@@ -232,6 +260,12 @@ def run(argv=None):
         check_counts=data_args.check_counts,
         progress=accelerator.is_main_process,
     )
+    splits = protocol_splits(
+        splits,
+        val_classes=data_args.val_classes,
+        val_seed=data_args.val_seed,
+        eval_images_per_class=data_args.eval_images_per_class,
+    )
     train_labels, label_map = contiguous_labels(splits["train"])
     splits = with_rgb_images(splits)  # decode with clear errors, always RGB
     train_split = SeededRows(splits["train"], seed=train_args.seed)  # augmentation fixed by (seed, epoch, index)
@@ -239,7 +273,9 @@ def run(argv=None):
     train_collate = make_collate_fn(train_transform(processor, data_args.image_size), label_map=label_map)
     preprocessing = preprocessing_of(processor, data_args.image_size)  # recorded in the adapter for evaluation
     eval_collate = make_collate_fn(transform_from_preprocessing(preprocessing, processor))
-    eval_splits = {k: v for k, v in splits.items() if k != "train"}
+    eval_splits = {k: v for k, v in splits.items() if k not in ("train", VALIDATION)}
+    # every evaluation during training (and any selection) reads the validation classes when there are some
+    select_splits = {"test": splits[VALIDATION]} if VALIDATION in splits else eval_splits
     loader, sampler = build_train_dataloader(
         train_split,
         train_labels,
@@ -253,7 +289,7 @@ def run(argv=None):
     )
 
     # ---- model, optimiser, schedule
-    model = build_model(model_args, num_classes=len(label_map))
+    model = build_model(model_args, num_classes=len(label_map), train_args=train_args)
     model.peft_config["default"].image_preprocessing = preprocessing
     # Data-dependent state from the frozen backbone (SHIP's levels), before the optimiser exists. Every process
     # reads the same unsharded, unshuffled train split; methods without such state never iterate the loader.
@@ -271,6 +307,7 @@ def run(argv=None):
         proxy_lr=train_args.proxy_lr,
         weight_decay=train_args.weight_decay,
         backbone_lr=train_args.backbone_lr,
+        backbone_params=backbone_parameter_filter(train_args.backbone_tuning),
     )
     if train_args.backbone_lr:  # DDP needs a gradient for every trainable parameter (not ViT's pooler)
         freeze_unused_backbone_parameters(model, next(iter(fit_loader))["pixel_values"][:1])
@@ -312,6 +349,20 @@ def run(argv=None):
         steps_per_epoch,
     )
     progress = tqdm(total=total_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
+
+    def evaluate(which):  # -> (metrics, embeddings, seconds)
+        start = time.time()
+        metrics, embedded = evaluate_retrieval(
+            model,
+            which,
+            eval_collate,
+            accelerator=accelerator,
+            batch_size=data_args.eval_batch_size,
+            num_workers=data_args.num_workers,
+            return_embeddings=True,
+        )
+        return metrics, embedded, time.time() - start
+
     metrics, embedded, eval_seconds = None, None, None
     all_evals_seconds = time.time() - baseline_start if baseline else 0.0
     for epoch in range(step // steps_per_epoch, num_epochs):
@@ -328,7 +379,8 @@ def run(argv=None):
             # RNG bookkeeping, and prefetching or iterator creation cannot shift the random stream.
             torch.manual_seed(hash((train_args.seed, epoch, micro_step, accelerator.process_index)) % 2**62)
             with accelerator.accumulate(model):
-                loss = training_step(model, batch["pixel_values"], batch["labels"]).loss
+                output = training_step(model, batch["pixel_values"], batch["labels"])
+                loss = output.loss
                 mean_loss = accelerator.gather(loss.detach()).mean()  # the same value on every process
                 check_finite(mean_loss, step + 1, checkpoint_dir=_latest(checkpoints_dir))
                 accelerator.backward(loss)
@@ -343,7 +395,10 @@ def run(argv=None):
             history["loss"].append([step, mean_loss.item()])
             progress.update(1)
             progress.set_postfix(loss=f"{history['loss'][-1][1]:.4f}", epoch=epoch)
-            accelerator.log({"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            diagnostics = proxy_diagnostics(model, output.inputs.embeddings, output.inputs.labels)
+            accelerator.log(
+                {"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0], **diagnostics}, step=step
+            )
             if train_args.checkpointing_steps and step % train_args.checkpointing_steps == 0:
                 save_checkpoint(
                     accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.save_total_limit or 0
@@ -352,31 +407,32 @@ def run(argv=None):
                 break
         last_epoch = step >= total_steps or epoch == num_epochs - 1
         if last_epoch or (train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0):
-            eval_start = time.time()
-            metrics, embedded = evaluate_retrieval(
-                model,
-                eval_splits,
-                eval_collate,
-                accelerator=accelerator,
-                batch_size=data_args.eval_batch_size,
-                num_workers=data_args.num_workers,
-                return_embeddings=True,
-            )
-            eval_seconds = time.time() - eval_start
+            metrics, embedded, eval_seconds = evaluate(select_splits)
             all_evals_seconds += eval_seconds
             history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
             logger.info(format_metrics(metrics, prefix=f"epoch {epoch + 1} step {step}"))
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            tag = "validation" if VALIDATION in splits else "eval"
+            accelerator.log({f"{tag}/{k}": v for k, v in metrics.items()}, step=step)
         if step >= total_steps:
             break
     progress.close()
+    validation_metrics = None
+    if VALIDATION in splits:  # the test classes, once, after every choice was made on the validation classes
+        validation_metrics, metrics, embedded = metrics, None, None
+        if data_args.eval_test:
+            metrics, embedded, eval_seconds = evaluate(eval_splits)
+            all_evals_seconds += eval_seconds
+            logger.info(format_metrics(metrics, prefix="test"))
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
 
     # ---- save (last-epoch numbers; nothing is selected on the test split)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     parameters = unwrapped.base_model.get_parameter_counts()
     if train_args.backbone_lr:  # the fine-tuned backbone is part of what is trained, stored and run
-        backbone_size = unwrapped.base_model.backbone_parameter_count()
+        backbone_size = unwrapped.base_model.backbone_parameter_count(
+            backbone_parameter_filter(train_args.backbone_tuning)
+        )
         parameters = {k: v + backbone_size for k, v in parameters.items()}
     summary = {
         "method": model_args.method,
@@ -388,6 +444,8 @@ def run(argv=None):
         "steps": step,
         "train_seconds": round(time.time() - start_time - all_evals_seconds, 1),
         "final_metrics": metrics,
+        "validation_metrics": validation_metrics,
+        "validation_classes": data_args.val_classes,
         "eval_images": sum(len(split) for split in eval_splits.values()),
         "bad_images_skipped": len(skipped_images),
         "eval_seconds": round(eval_seconds, 3) if eval_seconds is not None else None,

@@ -67,7 +67,12 @@ class ProxyAnchorLoss:
     positive_normalisation: str = "with_positives"
 
     def __call__(self, inputs: LossInputs, head: Any, adapter: str) -> torch.Tensor:
-        return self.on_proxies(inputs, head.proxies[adapter])
+        return self.on_proxies(inputs, self.loss_proxies(head, adapter))
+
+    def loss_proxies(self, head: Any, adapter: str) -> torch.Tensor:
+        """The ``(C, E)`` proxies the loss compares embeddings with, as they are now (also read by
+        :func:`prompt_peft.training.proxy_diagnostics`)."""
+        return head.proxies[adapter]
 
     def on_proxies(self, inputs: LossInputs, proxies: torch.Tensor) -> torch.Tensor:
         return proxy_anchor_loss(
@@ -105,6 +110,13 @@ class WeightedSum:
             if weight:
                 total = total + weight * loss(inputs, head, adapter)
         return total
+
+    def loss_proxies(self, head: Any, adapter: str) -> Optional[torch.Tensor]:
+        """The proxies of the first weighted term that has some (None if none has)."""
+        for weight, loss in self.terms:
+            if weight and hasattr(loss, "loss_proxies"):
+                return loss.loss_proxies(head, adapter)
+        return None
 
 
 def proxy_anchor_loss(

@@ -155,6 +155,25 @@ def test_embedding_is_the_documented_composition(name, pooling):
     torch.testing.assert_close(out.embeddings, expected)
 
 
+@pytest.mark.parametrize("name, expected", [("ViTModel", "cls"), ("Dinov2Model", "cls"), ("SiglipVisionModel", "mean")])
+def test_default_pooling_keeps_the_instance_norm_branch_where_there_is_a_cls_token(name, expected):
+    model = wrapped(name)
+    assert model.peft_config["default"].pooling == expected  # resolved once, saved with the adapter
+
+
+def test_mean_pooling_cancels_the_instance_norm_branch_and_cls_pooling_keeps_it():
+    """Why 'cls' is the default: the token mean of IN(M) is 0, so GAP(M_R) = W_C * GAP(M) whatever IN does,
+    while the mixed [CLS] moves with the IN branch's weight 1 - W_C."""
+    cah = ChannelAttentionHead(D, reduction=2)
+    patches, cls = torch.randn(3, 16, D), torch.randn(3, 1, D)
+    weights = cah.attention(patches)
+    torch.testing.assert_close(cah(patches).mean(1), (weights * patches.mean(1, keepdim=True))[:, 0])
+    mean, std = token_statistics(patches, cah.eps)
+    in_branch = ((cls - mean) / std)[:, 0]
+    torch.testing.assert_close(cah(patches, extra=cls)[:, 0], (weights * cls)[:, 0] + (1 - weights[:, 0]) * in_branch)
+    assert not torch.allclose(cah(patches, extra=cls)[:, 0], (weights * cls)[:, 0], atol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------------------- shapes, counts
 
 

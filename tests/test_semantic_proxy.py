@@ -117,9 +117,9 @@ def reference_proxy_anchor(e, labels, proxies, positive_normalisation, alpha=32.
     return pos / (C if positive_normalisation == "all" else with_pos) + neg / C
 
 
-@pytest.mark.parametrize("normalisation", ["all", "with_positives"])
-def test_model_loss_is_proxy_anchor_against_the_mixed_updated_proxies(normalisation):
-    model = wrapped(positive_normalisation=normalisation, proxy_bias_ratio=0.3).train()
+@pytest.mark.parametrize("normalisation, center", [("all", True), ("with_positives", True), ("all", False)])
+def test_model_loss_is_proxy_anchor_against_the_mixed_updated_proxies(normalisation, center):
+    model = wrapped(positive_normalisation=normalisation, proxy_bias_ratio=0.3, center_proxies=center).train()
     head = head_of(model)
     before = head.vptsp_semantic_proxies["default"].clone()
     out = model(pixel_values=pixels(4), labels=LABELS)
@@ -129,10 +129,45 @@ def test_model_loss_is_proxy_anchor_against_the_mixed_updated_proxies(normalisat
     assert changed.tolist() == [c in (0, 3) for c in range(CLASSES)]  # only the batch's classes moved
     torch.testing.assert_close(after.norm(dim=1), torch.ones(CLASSES))
     mixed = 0.3 * head.vptsp_proxies["default"] + 0.7 * after
+    if center:
+        mixed = mixed - mixed.mean(dim=0)
     expected = reference_proxy_anchor(out.embeddings, LABELS, mixed, normalisation)
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.loss, proxy_anchor_loss(out.embeddings, LABELS, mixed,
                                                            positive_normalisation=normalisation))
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_centred_proxies_get_no_common_mode_push(center):
+    """The collapse's lever: with centring, moving every proxy by the same vector changes nothing, so the loss
+    gives the proxy bias no common-mode gradient (its rows' gradients sum to 0); the paper's mix does."""
+    model = wrapped(center_proxies=center).train()
+    out = model(pixel_values=pixels(4), labels=LABELS)
+    out.loss.backward()
+    grad = head_of(model).vptsp_proxies["default"].grad
+    common = grad.sum(dim=0).norm() / grad.norm()
+    assert (common < 1e-5) if center else (common > 1e-2)
+
+
+def test_proxy_diagnostics_read_the_proxies_the_loss_uses():
+    from prompt_peft.training import proxy_diagnostics
+
+    model = wrapped().train()
+    out = model(pixel_values=pixels(4), labels=LABELS)
+    head = head_of(model)
+    mixed = 0.5 * head.vptsp_proxies["default"] + 0.5 * head.vptsp_semantic_proxies["default"]
+    proxies = F.normalize(mixed - mixed.mean(dim=0), dim=-1)
+    cos = F.normalize(out.embeddings, dim=-1) @ proxies.T
+    own = F.one_hot(LABELS, CLASSES).bool()
+    pairs = proxies @ proxies.T
+    expected = {
+        "proxies/mutual_cosine": pairs[~torch.eye(CLASSES, dtype=torch.bool)].mean().item(),
+        "proxies/own_cosine": cos[own].mean().item(),
+        "proxies/other_cosine": cos[~own].mean().item(),
+    }
+    assert proxy_diagnostics(model, out.embeddings, LABELS) == pytest.approx(expected, abs=1e-6)
+    vpt = get_peft_model(tiny_model("ViTModel"), prompt_peft.VPTConfig(num_prompts=2, embedding_dim=EMB))
+    assert proxy_diagnostics(vpt, out.embeddings, LABELS) == {}  # no classes, no proxies
 
 
 def test_the_candidates_come_from_a_second_pass_with_the_class_prompts():

@@ -1,5 +1,6 @@
 """Data loading for retrieval: benchmark layouts, image folders and Hub data sets as class-disjoint
-`datasets.DatasetDict`s, plus safe RGB decoding and a bad-image scan."""
+`datasets.DatasetDict`s, plus safe RGB decoding, a bad-image scan, and class-aware subsets (a validation split
+held out of the training classes, a cap on images per class)."""
 
 from .datasets import (
     IMAGE_EXTENSIONS,
@@ -22,6 +23,7 @@ from .datasets import (
 )
 from .hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 from .samplers import MPerClassBatchSampler
+from .subsets import VALIDATION, hold_out_classes, limit_images_per_class, protocol_splits
 from .transforms import (
     SeededRows,
     eval_transform,
@@ -48,6 +50,10 @@ __all__ = [
     "load_benchmark_from_hub",
     "contiguous_labels",
     "MPerClassBatchSampler",
+    "VALIDATION",
+    "hold_out_classes",
+    "limit_images_per_class",
+    "protocol_splits",
     "SeededRows",
     "eval_transform",
     "make_collate_fn",

@@ -1,5 +1,5 @@
 """Reusable training building blocks: the training step, class-balanced dataloader, optimiser groups, schedule, loss guard,
-crash-safe checkpoints and the retrieval evaluation loop.
+crash-safe checkpoints, the retrieval evaluation loop and proxy diagnostics for the tracker.
 
 Seeding: use ``accelerate.utils.set_seed`` (not re-implemented here).
 """
@@ -7,6 +7,7 @@ Seeding: use ``accelerate.utils.set_seed`` (not re-implemented here).
 from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .checks import check_finite
 from .dataloader import build_train_dataloader
+from .diagnostics import proxy_diagnostics
 from .evaluation import evaluate_frozen_backbone, evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler, freeze_unused_backbone_parameters
 from .row_sparse import RowSparseAdamW, clip_grad_norm_, clip_gradients
@@ -29,6 +30,7 @@ __all__ = [
     "find_tuner",
     "format_metrics",
     "freeze_unused_backbone_parameters",
+    "proxy_diagnostics",
     "format_run_summary",
     "list_checkpoints",
     "load_checkpoint",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ def build_optimizer(
     eps: float = 1e-8,
     decay_exempt_roles: Collection[str] | None = DEFAULT_DECAY_EXEMPT_ROLES,
     backbone_lr: float | None = None,
+    backbone_params: Callable[[str], bool] | None = None,
     roles: Mapping[int, str] | None = None,
 ) -> RowSparseAdamW:
     """AdamW over the trainable (``requires_grad``) parameters only, in named groups chosen by parameter *role*.
@@ -50,7 +51,8 @@ def build_optimizer(
       rate ``lr``; updated lazily, only the rows with a gradient, with optimiser state only for rows ever touched
       (:class:`~prompt_peft.training.row_sparse.RowSparseAdamW`).
     * ``"backbone"``: with ``backbone_lr``, every parameter without a role is unfrozen and trained at that rate
-      (the full fine-tuning baseline), with ``weight_decay``.
+      (the full fine-tuning baseline), with ``weight_decay``; ``backbone_params(name)`` narrows that to the
+      parameters it accepts (BitFit's biases, injected LoRA matrices: :mod:`prompt_peft.backbone_tuning`).
 
     The optimiser is a :class:`RowSparseAdamW`, which is exactly ``torch.optim.AdamW`` when there is no
     "rows" group.
@@ -75,9 +77,9 @@ def build_optimizer(
 
     exempt_roles = None if decay_exempt_roles is None else set(decay_exempt_roles)
     proxy, decay, no_decay, rows, rows_exempt, backbone = [], [], [], [], [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         role = roles.get(id(param))
-        if role is None and backbone_lr:
+        if role is None and backbone_lr and (backbone_params is None or backbone_params(name)):
             param.requires_grad_(True)
             backbone.append(param)
             continue

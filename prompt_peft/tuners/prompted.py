@@ -742,10 +742,13 @@ class PromptedTuner(BaseTuner):
         """``id(parameter) -> role`` for every adapter parameter of every adapter (see :data:`ROLES`)."""
         return parameter_roles(self.model)
 
-    def backbone_parameter_count(self) -> int:
-        """Parameters of the model that no adapter declares (the backbone, and any ``modules_to_save``)."""
+    def backbone_parameter_count(self, accept: Optional[Callable[[str], bool]] = None) -> int:
+        """Parameters of the model that no adapter declares (the backbone, and any ``modules_to_save``); with
+        ``accept(name)``, only those it accepts (e.g. the backbone's biases)."""
         roles = self.parameter_roles()
-        return sum(p.numel() for p in self.model.parameters() if id(p) not in roles)
+        return sum(
+            p.numel() for n, p in self.model.named_parameters() if id(p) not in roles and (accept is None or accept(n))
+        )
 
     def get_parameter_counts(self, adapter_name: Optional[str] = None) -> dict[str, int]:
         """Sizes of one adapter: ``trainable`` parameters now, ``stored`` in its file (parameters and persistent

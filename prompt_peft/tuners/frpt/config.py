@@ -28,7 +28,10 @@ class FRPTConfig(PromptedConfig):
       ``parser_block`` blocks and predicts a saliency map; a Gaussian-kernel sampling grid built from it re-samples
       the input pixels (zooming into salient parts) before the whole frozen backbone runs on them.
     * **CAH**, the category-specific awareness head: channel attention (reduction ``cah_reduction``) mixes the final
-      patch tokens with their instance-normalised version; the feature ``g`` is the mean of the mixed tokens.
+      tokens with their instance-normalised version (statistics over the patches); the feature ``g`` is the mixed
+      [CLS] token (``pooling="cls"``). The paper's global average pooling of the mixed patch tokens
+      (``pooling="mean"``) removes the instance-norm branch exactly, so ``g`` would be a reweighted mean patch token;
+      the released code pools with GeM after an extra conv block instead (methods.md §4.3, §4.7).
       ``g`` feeds the shared retrieval head (LayerNorm + Linear + L2 norm) and a classifier.
 
     Loss with labels: ``proxy_loss_weight · ProxyAnchor(embeddings) + ce_loss_weight · CE(classifier(g))``.
@@ -88,11 +91,13 @@ class FRPTConfig(PromptedConfig):
     cah_reduction: int = field(
         default=8, metadata={"help": "Channel-attention reduction r: D -> D // r -> D (paper: 8; code: 1)."}
     )
-    pooling: str = field(
-        default="mean",
+    pooling: Optional[str] = field(
+        default=None,
         metadata={
-            "help": "Feature g: 'mean' of the mixed patch tokens (paper's GAP) or the 'cls' token mixed with the "
-            "same weights and patch statistics."
+            "help": "Feature g: 'cls', the [CLS] token mixed with CAH's weights and the patches' statistics (keeps "
+            "both branches), or 'mean' of the mixed patch tokens (the paper's GAP, which cancels the "
+            "instance-norm branch exactly: the token mean of an instance-normalised map is 0). Default: 'cls', "
+            "or 'mean' for a backbone without a [CLS] token (SigLIP); filled in when the adapter is created."
         },
     )
     ce_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the classifier's cross-entropy."})
@@ -111,7 +116,8 @@ class FRPTConfig(PromptedConfig):
             raise ValueError(f"parser_block must be a non-negative integer, got {self.parser_block!r}")
         _check_choice("parser", self.parser, PARSERS)
         _check_choice("parser_init", self.parser_init, PARSER_INITS)
-        _check_choice("pooling", self.pooling, POOLINGS)
+        if self.pooling is not None:
+            _check_choice("pooling", self.pooling, POOLINGS)
         if self.parser_kernel is not None:
             _check_positive("parser_kernel", self.parser_kernel)
             if self.parser_kernel % 2 == 0:

@@ -286,6 +286,8 @@ class FRPTModel(PromptedTuner):
         peft_config = super()._prepare_adapter_config(peft_config, model_config)
         # DINOv2 configs record the 518 px pre-training size; retrieval runs at 224 px (its processor's crop).
         peft_config.resolve_parser_kernel(min(self.spec.image_size, REFERENCE_IMAGE_SIZE) // self.spec.patch_size)
+        if peft_config.pooling is None:  # the [CLS] head keeps CAH's instance-norm branch (config.py, pooling)
+            peft_config.pooling = "cls" if self.spec.num_prefix_tokens else "mean"
         if peft_config.pooling == "cls" and self.spec.num_prefix_tokens == 0:
             raise ValueError(f"pooling='cls' needs a [CLS] token, but {self.spec.model_class} has none; use 'mean'.")
         if peft_config.cah_reduction > self.spec.hidden_size:

@@ -70,6 +70,16 @@ class SemanticProxyVPTConfig(TokenPromptConfig):
     proxy_bias_ratio: float = field(
         default=0.5, metadata={"help": "alpha: weight of the learnable proxy bias in the mixed proxy (0..1)."}
     )
+    center_proxies: bool = field(
+        default=True,
+        metadata={
+            "help": "Subtract the mean over classes from the mixed proxies before Proxy-Anchor (ours; False: the "
+            "paper and code). Without it they collapse onto one direction within ~10 steps: the GRU-ReLU cell maps "
+            "near-identical candidates into one positive-orthant vector, and Adam moves every row of the tiny "
+            "proxy bias by the same common-mode step; the negative term then drives every embedding away from "
+            "every proxy, its own included."
+        },
+    )
     positive_normalisation: str = field(
         default="all",
         metadata={

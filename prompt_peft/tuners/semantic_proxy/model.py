@@ -238,6 +238,7 @@ class SemanticProxyHead(EmbeddingHead):
             alpha=config.proxy_alpha,
             positive_normalisation=config.positive_normalisation,
             proxy_bias_ratio=config.proxy_bias_ratio,
+            center_proxies=config.center_proxies,
         )
 
     def semantic_proxies(self, adapter: str) -> torch.Tensor:

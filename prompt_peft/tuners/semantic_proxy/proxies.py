@@ -103,10 +103,19 @@ class SemanticProxyAnchorLoss(ProxyAnchorLoss):
     """
 
     proxy_bias_ratio: float = 0.1
+    center_proxies: bool = True
 
     def __call__(self, inputs: LossInputs, head, adapter: str) -> torch.Tensor:
-        semantic = head.semantic_proxies(adapter)
+        semantic = None
         if inputs.candidates is not None:
             labels = inputs.candidate_labels.to(inputs.candidates.device)
             semantic = head.update_semantic_proxies(adapter, inputs.candidates, labels)
-        return self.on_proxies(inputs, mix_proxies(head.proxies[adapter], semantic, self.proxy_bias_ratio))
+        return self.on_proxies(inputs, self.loss_proxies(head, adapter, semantic))
+
+    def loss_proxies(self, head, adapter: str, semantic: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixed proxies (Eq. 8), minus their mean over classes when ``center_proxies`` (the class-independent
+        part carries no class information; only Proxy-Anchor's negative term would act on it, pushing every
+        embedding away from every proxy). ``semantic`` defaults to the head's stored running proxies."""
+        semantic = head.semantic_proxies(adapter) if semantic is None else semantic
+        proxies = mix_proxies(head.proxies[adapter], semantic, self.proxy_bias_ratio)
+        return proxies - proxies.mean(dim=0, keepdim=True) if self.center_proxies else proxies

@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""Every method at its best under one honest protocol: hyper-parameters chosen on validation classes, the same
+search budget for every row, the test classes evaluated once with the chosen values.
+
+    nohup python benchmarks/sweep.py --preset cpu --backbone facebook/dinov2-small \\
+        --data_root data/flowers102 > sweep.log 2>&1 &
+
+Protocol (issue 17):
+
+* **Validation split.** ``val_classes`` (20 %) of the training classes, drawn with ``val_seed``, are held out
+  (``examples/train_dml.py --val_classes``); every choice is made on them, never on the test classes.
+* **The same search for every row**, full fine-tuning and the linear probe included, at ``search_seed``:
+  (1) the learning rate (the backbone's for full fine-tuning, the adapter's otherwise) at ``LR_FACTORS`` times
+  the row's usual value, ``base_steps`` steps; (2) ``2 x base_steps`` at the best learning rate; (3) where the
+  method has a prompt length (or a rank), the row's alternative lengths at the best (learning rate, steps).
+  A stage keeps its incumbent unless a trial beats it on validation ``--select_metric`` (MAP@R by default:
+  R@1 on a few hundred validation images moves by whole points between seeds).
+* **Final runs**: each seed trains on the same training classes with the chosen values and evaluates the
+  validation classes, then the test classes once. The table reports test metrics as mean ± sample std over the
+  seeds, the chosen values and the number of search trials.
+
+Presets (``PRESETS``): ``cpu`` = 112 px, 100 / 200 steps, test and validation capped at 20 images per class (the
+README's benchmark section says why); ``gpu`` = 224 px, 1,000 / 2,000 steps, all images.
+
+Order: every row's search first (the chosen values are known early), then the final runs seed by seed (a
+complete one-seed table comes first).
+
+Resumable: every trial and every final run writes one JSON record (``<results_dir>/sweep-<preset>/search/<row>/
+<trial>.json``, ``.../final/<row>-seed<k>.json``) and is skipped when it exists; an interrupted training job
+resumes from its last checkpoint. The Markdown table ``<results_dir>/sweep-<preset>.md`` is rebuilt from the
+records at the end of every invocation (``--table_only``: only that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when loaded by path
+from portable import portable  # noqa: E402
+from retrieval import (  # noqa: E402
+    METRICS,
+    ROOT,
+    ROWS,
+    _count,
+    eval_command,
+    mean_std,
+    rebuild_table,
+    run_facts,
+    run_logged,
+    train_job,
+    write_record,
+)
+
+PRESETS = {
+    "cpu": {
+        "image_size": 112,
+        "base_steps": 100,
+        "eval_images_per_class": 20,
+        "eval_batch_size": 64,
+        "num_workers": 2,
+        "mixed_precision": "no",
+    },
+    "gpu": {
+        "image_size": 224,
+        "base_steps": 1000,
+        "eval_images_per_class": None,
+        "eval_batch_size": 256,
+        "num_workers": 8,
+        "mixed_precision": "bf16",
+    },
+}
+# The same for every row and every trial (fixed before any run of the sweep).
+PROTOCOL = {
+    "val_classes": 0.2,
+    "val_seed": 0,
+    "embedding_dim": 512,
+    "m_per_class": 4,
+    "batch_size": 32,
+    "proxy_lr": 1e-2,
+    "warmup_ratio": 0.1,
+    "eval_every_epochs": 0,
+    "checkpointing_steps": 50,
+}
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+@dataclass(frozen=True)
+class Space:
+    """What the search varies for one row of ``retrieval.ROWS``."""
+
+    lr: float  # the row's usual learning rate: the centre of the grid
+    lr_key: str = "learning_rate"  # "backbone_lr" for full fine-tuning
+    length_key: str | None = None  # a method_kwargs key (prompt length, LoRA rank), if the method has one
+    lengths: tuple = ()  # alternatives to the row's own value, tried in stage 3
+    train_args: tuple = ()  # (key, value) pairs over the protocol's, e.g. a method's official batch shape
+
+
+SPACES = {
+    "linear_probe": Space(1e-3),
+    "full_finetune": Space(1e-5, lr_key="backbone_lr"),
+    "vpt_shallow": Space(1e-3, length_key="num_prompts", lengths=(5, 30)),
+    "vpt_deep": Space(1e-3, length_key="num_prompts", lengths=(5, 30)),
+    "ship": Space(1e-3, length_key="level_prompt_tokens", lengths=(5, 20)),
+    # the released code's batches hold 32 classes (its semantic proxies fold in every class of a batch)
+    "semantic_proxy": Space(1e-3, length_key="num_prompts", lengths=(5, 30), train_args=(("m_per_class", 1),)),
+    "semantic_proxy_bitfit": Space(
+        1e-3, length_key="num_prompts", lengths=(5, 30), train_args=(("m_per_class", 1),)
+    ),
+    "frpt": Space(1e-3),
+    "bitfit": Space(1e-3, lr_key="backbone_lr"),
+    "lora": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--backbone", default="facebook/dinov2-small", help="Hub id or local path")
+    parser.add_argument("--dataset", default="flowers102")
+    parser.add_argument("--data_root", help="directory (or Hub id) of the data set")
+    parser.add_argument("--rows", nargs="+", choices=["frozen", *SPACES], default=["frozen", *SPACES])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final runs")
+    parser.add_argument("--search_seed", type=int, default=0, help="seed of every search trial")
+    parser.add_argument("--select_metric", default="map@r", choices=[key for key, _ in METRICS])
+    parser.add_argument("--base_steps", type=int, help="override the preset's (tests, quick looks)")
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs"), help="adapters, checkpoints, logs")
+    parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
+    parser.add_argument("--search_only", action="store_true", help="stop after choosing the values")
+    parser.add_argument("--table_only", action="store_true", help="rebuild the Markdown table from the records")
+    parser.add_argument("--extra_train_args", default="", help="appended to every train_dml.py command (tests)")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def train_command(args, name: str, values: dict, seed: int, out: Path, *, eval_test: bool) -> list[str]:
+    """The ``train_dml.py`` job of row ``name`` with the searched ``values`` (lr, steps, length)."""
+    preset, row, space = PRESETS[args.preset], ROWS[name], SPACES[name]
+    method_kwargs, length = dict(row.method_kwargs), {}
+    if space.length_key in method_kwargs:  # a prompt length; otherwise a training setting (LoRA's rank)
+        method_kwargs[space.length_key] = values[space.length_key]
+    elif space.length_key:
+        length = {space.length_key: values[space.length_key]}
+    settings = {
+        **PROTOCOL,
+        **{k: v for k, v in preset.items() if k != "base_steps" and v is not None},
+        **row.train_args,
+        **dict(space.train_args),
+        **length,
+        space.lr_key: values[space.lr_key],
+        "max_steps": values["steps"],
+        "num_epochs": 10**6,  # max_steps decides
+        "eval_test": str(eval_test).lower(),
+    }
+    return train_job(args, row.method, method_kwargs, seed, out, settings)
+
+
+def frozen_command(args, out: Path) -> list[str]:
+    """The bare backbone on the same (capped) test images as the final runs."""
+    preset = PRESETS[args.preset]
+    command = eval_command(args, out, preset) + ["--val_seed", str(PROTOCOL["val_seed"])]
+    if preset["eval_images_per_class"]:
+        command += ["--eval_images_per_class", str(preset["eval_images_per_class"])]
+    return command
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+def trial_name(values: dict) -> str:
+    """A file name that spells the values, e.g. ``learning_rate=0.001_steps=100_num_prompts=10``."""
+    return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def run_trial(args, name: str, values: dict, stage: str) -> dict:
+    """One search trial (validation metrics only), or its record when it already ran."""
+    path = Path(args.results_dir) / f"sweep-{args.preset}" / "search" / name / f"{trial_name(values)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = Path(args.work_dir) / f"sweep-{args.preset}" / "search" / name / trial_name(values)
+    out.mkdir(parents=True, exist_ok=True)
+    command = train_command(args, name, values, args.search_seed, out, eval_test=False)
+    start = time.time()
+    raw = run_logged(command, out, f"{name} trial {trial_name(values)}")
+    record = {
+        "row": name,
+        "stage": stage,
+        "values": values,
+        "seed": args.search_seed,
+        "validation_metrics": raw["validation_metrics"],
+        "test_metrics": raw["final_metrics"],  # None: a trial never looks at the test classes
+        "train_seconds": raw["train_seconds"],
+        "command": " ".join(shlex.quote(portable(c)) for c in command),
+    }
+    write_record(path, record)
+    print(f"  {name} {stage} {trial_name(values)}: validation {args.select_metric} "
+          f"{100 * raw['validation_metrics'][args.select_metric]:.2f} ({time.time() - start:.0f} s)", flush=True)
+    return record
+
+
+def search(args, name: str) -> tuple[dict, list[dict]]:
+    """The three stages of the module docstring; returns the chosen values and every trial's record."""
+    space, steps = SPACES[name], args.base_steps or PRESETS[args.preset]["base_steps"]
+    start = {space.lr_key: space.lr, "steps": steps}
+    if space.length_key:
+        start[space.length_key] = {**ROWS[name].train_args, **ROWS[name].method_kwargs}[space.length_key]
+    trials: list[dict] = []
+
+    def stage(label: str, candidates: list[dict], incumbent: dict | None) -> dict:
+        scored = [(record, record["validation_metrics"][args.select_metric]) for record in trials
+                  if record["values"] == incumbent] if incumbent else []  # fmt: skip
+        for values in candidates:
+            record = run_trial(args, name, values, label)
+            trials.append(record)
+            scored.append((record, record["validation_metrics"][args.select_metric]))
+        return max(scored, key=lambda pair: pair[1])[0]["values"]  # the first of equals: the incumbent
+
+    rates = [float(f"{space.lr * f:.3g}") for f in LR_FACTORS]  # 3.33e-4, not 3.3333333333333335e-4
+    best = stage("learning rate", [{**start, space.lr_key: rate} for rate in rates], None)
+    best = stage("steps", [{**best, "steps": 2 * steps}], best)
+    if space.length_key:
+        best = stage("length", [{**best, space.length_key: length} for length in space.lengths], best)
+    return best, trials
+
+
+# ------------------------------------------------------------------------------------------------ final runs
+
+
+def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: int) -> dict:
+    path = Path(args.results_dir) / f"sweep-{args.preset}" / "final" / (f"{name}-seed{seed}" if chosen else name)
+    path = path.with_suffix(".json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = Path(args.work_dir) / f"sweep-{args.preset}" / "final" / path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    if chosen is None:  # the frozen backbone: no training, nothing to choose
+        command = frozen_command(args, out)
+        raw = run_logged(command, out, name)
+        metrics, validation, params = raw["metrics"], None, {"trainable": 0, "stored": 0, "inference": 0}
+        train_seconds, images, seconds = 0.0, sum(raw["num_images"].values()), raw["seconds"]
+    else:
+        command = train_command(args, name, chosen, seed, out, eval_test=True)
+        raw = run_logged(command, out, f"{name} seed {seed}")
+        metrics, validation, params = raw["final_metrics"], raw["validation_metrics"], raw["parameters"]
+        train_seconds, images, seconds = raw["train_seconds"], raw["eval_images"], raw["eval_seconds"]
+    record = {
+        "row": name,
+        "label": label(name),
+        "seed": seed,
+        "preset": args.preset,
+        "settings": {**PRESETS[args.preset], **PROTOCOL, **ROWS[name].train_args, **dict(SPACES[name].train_args)}
+        if name in SPACES
+        else {**PRESETS[args.preset]},
+        "chosen": chosen,
+        "search_trials": trials,
+        "select_metric": args.select_metric,
+        "method": ROWS[name].method,
+        "metrics": metrics,
+        "validation_metrics": validation,
+        "parameters": params,
+        "train_seconds": train_seconds,
+        **run_facts(args, command, images, seconds),
+    }
+    write_record(path, record)
+    print(f"{name} seed {seed}: test R@1 {100 * metrics['recall@1']:.2f} MAP@R {100 * metrics['map@r']:.2f}",
+          flush=True)
+    return record
+
+
+def label(name: str) -> str:
+    return ROWS[name].label.split(" (")[0]  # the fixed-protocol label without its fixed prompt length
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def _chosen_text(record: dict) -> str:
+    chosen = record.get("chosen")
+    if not chosen:
+        return "-"
+    short = {"learning_rate": "lr", "backbone_lr": "backbone lr", "num_prompts": "prompts",
+             "level_prompt_tokens": "level prompts", "steps": "steps", "lora_rank": "rank"}  # fmt: skip
+    return ", ".join(f"{short.get(k, k)} {v:g}" if isinstance(v, float) else f"{short.get(k, k)} {v}"
+                     for k, v in chosen.items())  # fmt: skip
+
+
+def render_table(records: list[dict], preset: str) -> str:
+    """Markdown: one line per row, test metrics in percent as mean ± std over the seeds, the chosen values."""
+    by_row: dict[str, list[dict]] = {}
+    for r in records:
+        by_row.setdefault(r["row"], []).append(r)
+    head = ["Method", "chosen on validation", "trials", "seeds", *[lab for _, lab in METRICS], "val MAP@R",
+            "trainable", "train min"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in [n for n in ["frozen", *SPACES] if n in by_row]:
+        runs = sorted(by_row[name], key=lambda r: (r["seed"] is None, r["seed"]))
+        cells = [label(name), _chosen_text(runs[0]), str(runs[0]["search_trials"])]
+        cells.append(",".join("-" if r["seed"] is None else str(r["seed"]) for r in runs))
+        for key, _ in METRICS:
+            mean, std = mean_std([100 * r["metrics"][key] for r in runs])
+            cells.append(f"{mean:.2f} ± {std:.2f}" if len(runs) > 1 else f"{mean:.2f}")
+        validation = [100 * r["validation_metrics"]["map@r"] for r in runs if r["validation_metrics"]]
+        cells.append(f"{statistics.fmean(validation):.2f}" if validation else "-")
+        cells.append(_count(runs[0]["parameters"]["trainable"]))
+        cells.append(f"{statistics.median(r['train_seconds'] for r in runs) / 60:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    first, settings = records[0], PRESETS[preset]
+    notes = [
+        f"Preset `{preset}`: {settings['image_size']} px, batch {PROTOCOL['batch_size']} "
+        f"({PROTOCOL['m_per_class']} images per class), proxy lr {PROTOCOL['proxy_lr']}, "
+        f"{int(100 * PROTOCOL['val_classes'])} % of the training classes held out for validation"
+        + (f", at most {settings['eval_images_per_class']} images per class evaluated"
+           if settings["eval_images_per_class"] else "")  # fmt: skip
+        + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. Values chosen on validation "
+        f"{first['select_metric']} (learning rate x {{1/3, 1, 3}}, then 2x steps, then the prompt length).",
+        f"Machine: {first['machine']}.",
+        "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
+        "the seeds. Trials: search runs (at one seed) behind the chosen values.",
+    ]
+    return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    base = Path(args.results_dir) / f"sweep-{args.preset}"
+    if not args.table_only:
+        chosen = {}
+        for name in [n for n in args.rows if n != "frozen"]:
+            print(f"{name}: searching", flush=True)
+            chosen[name] = search(args, name)
+            print(f"{name}: chose {chosen[name][0]} after {len(chosen[name][1])} trials", flush=True)
+        if "frozen" in args.rows and not args.search_only:
+            final_run(args, "frozen", None, None, 0)
+        for seed in [] if args.search_only else args.seeds:
+            for name, (values, trials) in chosen.items():
+                final_run(args, name, seed, values, len(trials))
+    return rebuild_table(base / "final", render_table, Path(args.results_dir) / f"sweep-{args.preset}.md", args.preset)
+
+
+if __name__ == "__main__":
+    main()

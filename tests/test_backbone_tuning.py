@@ -1,0 +1,97 @@
+"""The baselines users would pick instead of prompts, under the same head and loss: BitFit and peft's LoRA
+(prompt_peft.backbone_tuning, train_dml --backbone_tuning)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import pixels, tiny_model
+from transformers import AutoModel
+
+import prompt_peft
+from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
+from prompt_peft.training import build_optimizer
+from prompt_peft.tuners.prompted import parameter_roles
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model", "CLIPVisionModel", "SiglipVisionModel"])
+def test_lora_sits_on_every_attention_projection_and_starts_as_the_identity(name):
+    reference = tiny_model(name)
+    model = prepare_backbone(tiny_model(name), "lora", lora_rank=2)
+    lora = [n for n, _ in model.named_modules() if n.endswith(("query", "key", "value", "q_proj", "k_proj", "v_proj"))
+            and hasattr(model.get_submodule(n), "lora_A")]  # fmt: skip
+    assert len(lora) == 3 * model.config.num_hidden_layers
+    with torch.no_grad():  # lora_B starts at zero: the backbone's own function
+        torch.testing.assert_close(model(pixel_values=pixels()).last_hidden_state,
+                                   reference(pixel_values=pixels()).last_hidden_state)  # fmt: skip
+
+
+@pytest.mark.parametrize("tuning", ["bias", "lora", "all"])
+def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameters(tuning):
+    backbone = prepare_backbone(tiny_model("ViTModel"), tuning, lora_rank=2)
+    model = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=8, num_classes=3))
+    head = set(parameter_roles(model))  # the prompt_peft head's parameters
+    accept = backbone_parameter_filter(tuning)
+    optimizer = build_optimizer(model, lr=1e-3, backbone_lr=1e-3, backbone_params=accept)
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    expected = {id(p) for n, p in model.named_parameters() if (id(p) in head and p.requires_grad) or accept(n)}
+    assert trained == expected
+    names = [n for n, p in model.named_parameters() if id(p) in trained and id(p) not in head]
+    if tuning == "bias":
+        assert names and all(n.endswith(".bias") for n in names)
+    elif tuning == "lora":
+        assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    else:
+        assert len(names) == sum(1 for _ in tiny_model("ViTModel").parameters())
+    counted = model.base_model.backbone_parameter_count(accept)
+    assert counted == sum(p.numel() for n, p in model.named_parameters() if id(p) in trained and id(p) not in head)
+
+
+def test_bad_tuning_is_refused():
+    with pytest.raises(ValueError, match="backbone tuning must be one of"):
+        prepare_backbone(tiny_model("ViTModel"), "prefix")
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("train_dml_tuning", ROOT / "examples" / "train_dml.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def train(workspace, output_dir, *extra):
+    """Two steps of the head alone (no prompts) plus the chosen backbone parameters."""
+    return load_train_script().main([
+        "--backbone", str(workspace / "backbone"), "--dataset", "imagefolder", "--data_root",
+        str(workspace / "images"), "--output_dir", str(output_dir), "--check_counts", "false", "--m_per_class", "2",
+        "--batch_size", "4", "--eval_batch_size", "8", "--num_workers", "0", "--embedding_dim", "16",
+        "--method_kwargs", '{"num_prompts": 0}', "--max_steps", "2", "--eval_every_epochs", "0",
+        "--backbone_lr", "0.01", *extra,
+    ])  # fmt: skip
+
+
+def test_bitfit_run_changes_only_the_backbone_biases(workspace, tmp_path):
+    summary = train(workspace, tmp_path, "--backbone_tuning", "bias")
+    original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
+    tuned = AutoModel.from_pretrained(tmp_path / "backbone").state_dict()
+    changed = {k for k in original if not torch.equal(original[k], tuned[k])}
+    assert changed and all(k.endswith("bias") for k in changed)
+    biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
+    head = summary["parameters"]["trainable"] - biases
+    assert 0 < head < biases  # the head's own parameters plus every backbone bias, nothing else
+
+
+def test_lora_run_trains_the_lora_matrices_and_counts_them(workspace, tmp_path):
+    summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2")
+    backbone = AutoModel.from_pretrained(workspace / "backbone")
+    layers, hidden = backbone.config.num_hidden_layers, backbone.config.hidden_size
+    lora = layers * 3 * 2 * (2 * hidden)  # q, k, v: A (2 x D) and B (D x 2) each
+    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
+    assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora
