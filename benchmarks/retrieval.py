@@ -95,23 +95,28 @@ METRICS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("reca
            ("map@r", "MAP@R"), ("r_precision", "R-Prec")]  # fmt: skip
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+def add_common_arguments(parser: argparse.ArgumentParser, presets, rows: list[str]) -> None:
+    """The options retrieval.py and sweep.py share: what to run, on what, and where records go."""
+    parser.add_argument("--preset", choices=sorted(presets), default="cpu")
     parser.add_argument("--backbone", default="facebook/dinov2-small", help="Hub id or local path")
     parser.add_argument("--dataset", default="flowers102")
     parser.add_argument("--data_root", help="directory (or Hub id) of the data set")
-    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="default: all")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rows", nargs="+", choices=rows, default=list(rows), help="default: all")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the (final) runs")
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs"), help="adapters, checkpoints, logs")
     parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
-    parser.add_argument("--force", action="store_true", help="re-run (row, seed) pairs that already have results")
-    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     parser.add_argument("--table_only", action="store_true", help="rebuild the Markdown table from the records")
     parser.add_argument(
         "--extra_train_args", default="", help="appended to every train_dml.py command (e.g. '--max_steps 2' in tests)"
     )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser, PRESETS, list(ROWS))
+    parser.add_argument("--force", action="store_true", help="re-run (row, seed) pairs that already have results")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     return parser.parse_args(argv)
 
 

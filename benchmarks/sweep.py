@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, als
 from portable import portable  # noqa: E402
 from retrieval import (  # noqa: E402
     METRICS,
-    ROOT,
     ROWS,
     _count,
+    add_common_arguments,
     eval_command,
     mean_std,
     rebuild_table,
@@ -121,21 +121,11 @@ SPACES = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--backbone", default="facebook/dinov2-small", help="Hub id or local path")
-    parser.add_argument("--dataset", default="flowers102")
-    parser.add_argument("--data_root", help="directory (or Hub id) of the data set")
-    parser.add_argument("--rows", nargs="+", choices=["frozen", *SPACES], default=["frozen", *SPACES])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final runs")
+    add_common_arguments(parser, PRESETS, ["frozen", *SPACES])
     parser.add_argument("--search_seed", type=int, default=0, help="seed of every search trial")
     parser.add_argument("--select_metric", default="map@r", choices=[key for key, _ in METRICS])
     parser.add_argument("--base_steps", type=int, help="override the preset's (tests, quick looks)")
-    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs"), help="adapters, checkpoints, logs")
-    parser.add_argument("--no_check_counts", action="store_true", help="skip the official image/class counts")
     parser.add_argument("--search_only", action="store_true", help="stop after choosing the values")
-    parser.add_argument("--table_only", action="store_true", help="rebuild the Markdown table from the records")
-    parser.add_argument("--extra_train_args", default="", help="appended to every train_dml.py command (tests)")
     return parser.parse_args(argv)
 
 

@@ -1,8 +1,6 @@
 """The baselines users would pick instead of prompts, under the same head and loss: BitFit and peft's LoRA
 (prompt_peft.backbone_tuning, train_dml --backbone_tuning)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import prompt_peft
 from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
 from prompt_peft.training import build_optimizer
 from prompt_peft.tuners.prompted import parameter_roles
+from script_loader import load_script as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,11 +58,7 @@ def test_bad_tuning_is_refused():
 
 
 def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_dml_tuning", ROOT / "examples" / "train_dml.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load("examples/train_dml.py", "train_dml_tuning")
 
 
 def train(workspace, output_dir, *extra):

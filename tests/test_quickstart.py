@@ -7,8 +7,6 @@ Tiny stand-ins are published under the real ids (a 3-block DINOv2 at 32 px; a Fl
 overridden on the command line; data set, backbone id, method and the rest come from the quick-start file.
 """
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import datasets.config
@@ -20,16 +18,13 @@ from tiny_models import tiny_model
 from transformers import BitImageProcessor
 
 from prompt_peft.serving import Embedder, SearchIndex
+from script_loader import load_script as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_dml", ROOT / "examples" / "train_dml.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_dml"] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load("examples/train_dml.py", "train_dml")
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

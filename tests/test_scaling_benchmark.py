@@ -1,6 +1,5 @@
 """benchmarks/scaling.py: the scaling figure is what it claims (images/s of N processes over 1 process)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,16 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "scaling.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("scaling_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("benchmarks/scaling.py", "scaling_benchmark")
 
 
 def test_summary_takes_the_best_median_and_divides_by_one_process():

@@ -1,23 +1,18 @@
 """benchmarks/sweep.py: the same search for every row, chosen on validation classes only, final runs with the
 chosen values, resumable records, the table from the records."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_benchmark", ROOT / "benchmarks" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load("benchmarks/sweep.py", "sweep_benchmark")
 
 
 def test_each_stage_keeps_the_best_validation_score_and_ties_keep_the_incumbent(monkeypatch, tmp_path):
@@ -66,11 +61,7 @@ def swept(workspace, tmp_path_factory):
 
 
 def load_script(path):
-    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return _load(str(path.relative_to(ROOT)), path.stem + "_script")
 
 
 def search_records(root, row):
