@@ -9,6 +9,7 @@ documented meaning.
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import json
 import os
@@ -28,7 +29,14 @@ from test_train_dml import adapter_weights, args, run_script
 from tiny_models import pixels, tiny_model
 
 import prompt_peft
-from prompt_peft.training import build_optimizer, evaluate_retrieval, freeze_unused_backbone_parameters, training_step
+from prompt_peft.losses import LossInputs
+from prompt_peft.training import (
+    build_optimizer,
+    evaluate_retrieval,
+    find_tuner,
+    freeze_unused_backbone_parameters,
+    training_step,
+)
 
 EMB, CLASSES, STEPS, GLOBAL_BATCH, M = 8, 6, 3, 8, 2
 LR = 0.01
@@ -85,9 +93,22 @@ def build(method: str):
     return model, optimizer
 
 
-def training_loss(model, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The library's training step on this process's share of the global batch: the loss to back-propagate."""
-    return training_step(model, pixel_values, labels).loss
+def training_loss(model, pixel_values: torch.Tensor, labels: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """The library's training step on this process's share of the global batch: the loss to back-propagate.
+
+    ``chunks`` > 1 (one process only) runs the forward on that many slices and concatenates their loss inputs
+    before the loss: what N processes compute, in one process and in the same summation order.
+    """
+    if chunks == 1:
+        return training_step(model, pixel_values, labels).loss
+    parts = []
+    for x, y in zip(pixel_values.chunk(chunks), labels.chunk(chunks)):
+        training_step(model, x, y, gather=lambda inputs: parts.append(inputs) or inputs)
+    merged = dataclasses.replace(parts[0], **{
+        name: torch.cat([getattr(part, name) for part in parts])
+        for name in LossInputs.batch_fields() if getattr(parts[0], name) is not None
+    })
+    return find_tuner(model).compute_loss(merged)
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -102,7 +123,9 @@ def state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(method: str, rank: int = 0, world: int = 1, accumulation: int = 1) -> dict[str, torch.Tensor]:
+def train(
+    method: str, rank: int = 0, world: int = 1, accumulation: int = 1, chunks: int = 1
+) -> dict[str, torch.Tensor]:
     """Optimiser steps of ``method`` on this process's share of each global batch; with ``accumulation`` k,
     one step per k global batches, each loss divided by k and DDP's all-reduce only on the last (what
     ``accelerator.accumulate`` does)."""
@@ -115,7 +138,7 @@ def train(method: str, rank: int = 0, world: int = 1, accumulation: int = 1) -> 
         mine = slice(rank * share, (rank + 1) * share)
         last = (i + 1) % accumulation == 0
         with wrapped.no_sync() if world > 1 and not last else contextlib.nullcontext():
-            (training_loss(wrapped, pixel_values[mine], labels[mine]) / accumulation).backward()
+            (training_loss(wrapped, pixel_values[mine], labels[mine], chunks) / accumulation).backward()
         if last:
             optimizer.step()
             optimizer.zero_grad()
@@ -203,7 +226,16 @@ def test_two_processes_train_what_one_process_trains_on_the_global_batch(two_pro
     initial = state(model)
     for key in expected:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"replicas differ in {key}"
-    assert_same_training(ranks[0], expected)
+    if method == "frpt":
+        # FRPT's re-sampling (bilinear sampling, piecewise linear in the grid) amplifies float rounding over a few
+        # steps: one process computing the loss of the same global batch from two forward slices, without any
+        # collective, already ends 6e-4 (relative) away in the parser's weights. The two processes must equal
+        # that computation to rounding, and the whole-batch run to that amplified rounding.
+        assert_same_training(ranks[0], train(method, chunks=2))
+        for key, value in expected.items():
+            assert_close_relative(ranks[0][key], value, key, rel=2e-3)
+    else:
+        assert_same_training(ranks[0], expected)
     # the check has teeth: training moved the adapter well beyond the tolerance
     moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)
     assert moved > 1e-3
