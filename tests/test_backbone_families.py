@@ -204,15 +204,8 @@ def test_ship_end_to_end_on_a_saved_random_timm_model_loaded_with_automodel(tmp_
     assert type(backbone).__name__ == "TimmWrapperModel"
     model = get_peft_model(
         backbone,
-        prompt_peft.SHIPConfig(
-            num_attribute_prompts=1,
-            level_prompt_tokens=2,
-            shared_prompt_tokens=1,
-            attribute_prompt_tokens=3,
-            num_prototypes=4,
-            embedding_dim=EMB,
-            num_classes=CLASSES,
-        ),
+        prompt_peft.SHIPConfig(num_attribute_prompts=1, level_prompt_tokens=2, shared_prompt_tokens=1,
+                               attribute_prompt_tokens=3, num_prototypes=4, embedding_dim=EMB, num_classes=CLASSES),
     )
     model.fit_hierarchy([{"pixel_values": pixels(batch=4, seed=s), "labels": LABELS} for s in range(3)])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

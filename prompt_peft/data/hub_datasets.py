@@ -202,13 +202,7 @@ def load_benchmark_from_hub(
 
     if options.get("check_counts", True) and options.get("expected_counts") is None:
         options = {**options, "expected_counts": OFFICIAL_COUNTS[name]}
+    columns = {"image_column": source.image_column, "label_column": source.label_column}
     return load_hub_dataset(
-        raw,
-        image_column=source.image_column,
-        label_column=source.label_column,
-        train_classes=train,
-        test_classes=test,
-        class_names=names,
-        title=title,
-        **options,
+        raw, train_classes=train, test_classes=test, class_names=names, title=title, **columns, **options,
     )

@@ -31,7 +31,7 @@ class FRPTConfig(PromptedConfig):
       tokens with their instance-normalised version (statistics over the patches); the feature ``g`` is the mixed
       [CLS] token (``pooling="cls"``). The paper's global average pooling of the mixed patch tokens
       (``pooling="mean"``) removes the instance-norm branch exactly, so ``g`` would be a reweighted mean patch token;
-      the released code pools with GeM after an extra conv block instead (methods.md §4.3, §4.7).
+      the released code pools with GeM after an extra conv block instead (docs/methods.md, FRPT).
       ``g`` feeds the shared retrieval head (LayerNorm + Linear + L2 norm) and a classifier.
 
     Loss with labels: ``proxy_loss_weight · ProxyAnchor(embeddings) + ce_loss_weight · CE(classifier(g))``.
