@@ -395,10 +395,12 @@ def run(argv=None):
             history["loss"].append([step, mean_loss.item()])
             progress.update(1)
             progress.set_postfix(loss=f"{history['loss'][-1][1]:.4f}", epoch=epoch)
-            diagnostics = proxy_diagnostics(model, output.inputs.embeddings, output.inputs.labels)
-            accelerator.log(
-                {"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0], **diagnostics}, step=step
-            )
+            if train_args.report_to:  # the proxy geometry is only for the tracker: no work on the step otherwise
+                diagnostics = proxy_diagnostics(model, output.inputs.embeddings, output.inputs.labels)
+                accelerator.log(
+                    {"train/loss": history["loss"][-1][1], "train/lr": scheduler.get_last_lr()[0], **diagnostics},
+                    step=step,
+                )
             if train_args.checkpointing_steps and step % train_args.checkpointing_steps == 0:
                 save_checkpoint(
                     accelerator, checkpoints_dir, step, {"history": history}, keep=train_args.save_total_limit or 0
