@@ -211,9 +211,10 @@ def method_options(model_args: ModelArguments) -> dict:
 
 
 def build_model(model_args: ModelArguments, num_classes: int, train_args: Optional[TrainArguments] = None):
-    try:
+    try:  # the options parse_args checked, as a mapping: the JSON is read in one place
         config = prompt_peft.method_config(
-            model_args.method, model_args.method_kwargs, embedding_dim=model_args.embedding_dim, num_classes=num_classes
+            model_args.method, method_options(model_args), embedding_dim=model_args.embedding_dim,
+            num_classes=num_classes,
         )
     except ValueError as error:
         raise SystemExit(f"--method / --method_kwargs: {error}") from None
