@@ -66,6 +66,7 @@ from prompt_peft.training import (
     build_optimizer,
     build_scheduler,
     build_train_dataloader,
+    default_m_per_class,
     card_kwargs,
     check_finite,
     evaluate_frozen_backbone,
@@ -100,7 +101,11 @@ class DataArguments:
     dataset: str = field(default="flowers102", metadata={"help": "Loader name, directory, Hub id or parquet."})
     data_root: Optional[str] = field(default=None, metadata={"help": "Directory (or Hub id) of the data set."})
     image_size: Optional[int] = field(default=None, metadata={"help": "Train/eval resolution (default: native)."})
-    m_per_class: int = field(default=4, metadata={"help": "Images per class in a batch."})
+    m_per_class: Optional[int] = field(
+        default=None,
+        metadata={"help": "Images per class in a batch. Default: 4, or the method's released batch shape where the "
+                  "data allow it (SemanticProxyVPT: 32 classes per batch, so 1 image each in a batch of 32)."},
+    )
     batch_size: int = field(default=32, metadata={"help": "Images per batch per process."})
     global_batch_size: Optional[int] = field(
         default=None,
@@ -277,6 +282,17 @@ def run(argv=None):
     eval_splits = {k: v for k, v in splits.items() if k not in ("train", VALIDATION)}
     # every evaluation during training (and any selection) reads the validation classes when there are some
     select_splits = {"test": splits[VALIDATION]} if VALIDATION in splits else eval_splits
+    if data_args.m_per_class is None:
+        per_process = data_args.global_batch_size // accelerator.num_processes if data_args.global_batch_size else (
+            data_args.batch_size
+        )
+        data_args.m_per_class = default_m_per_class(
+            per_process,
+            len(label_map),
+            prompt_peft.METHODS[model_args.method][0].released_classes_per_batch,
+            num_processes=accelerator.num_processes,
+        )
+        logger.info("%d images per class in a batch (--m_per_class)", data_args.m_per_class)
     loader, sampler = build_train_dataloader(
         train_split,
         train_labels,
@@ -445,6 +461,7 @@ def run(argv=None):
         "image_size": data_args.image_size,
         "seed": train_args.seed,
         "steps": step,
+        "m_per_class": data_args.m_per_class,  # the batch shape used (resolved when not given)
         "train_seconds": round(time.time() - start_time - all_evals_seconds, 1),
         "final_metrics": metrics,
         "validation_metrics": validation_metrics,

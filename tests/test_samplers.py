@@ -265,3 +265,25 @@ def test_scheduler_through_accelerate_prepare_under_ddp(ddp_results):
         for step, lrs in enumerate(result["lrs"], start=1):
             assert lrs["main"] == pytest.approx(0.1 * closed_form(step))
             assert lrs["proxy"] == pytest.approx(10.0 * closed_form(step))
+
+
+@pytest.mark.parametrize(
+    "batch, classes, preferred, processes, expected",
+    [
+        (32, 41, None, 1, 4),  # no preference: 4 images per class
+        (6, 41, None, 1, 3),  # ... or the largest divisor of the batch up to 4
+        (32, 41, 32, 1, 1),  # SemanticProxyVPT, batch 32: 32 classes x 1
+        (64, 100, 32, 1, 2),  # the released CUB shape: B/k = 64/2
+        (32, 20, 32, 1, 2),  # fewer classes than 32: as many as there are (16 x 2)
+        (16, 41, 32, 2, 1),  # 2 processes x 16 = a global batch of 32 classes
+        (32, 41, 32, 2, 2),  # 2 x 32 images, at most 32 classes: 2 each
+        (4, 1, 32, 1, 4),  # one class: the whole batch
+    ],
+)
+def test_default_m_per_class(batch, classes, preferred, processes, expected):
+    from prompt_peft.training import default_m_per_class
+
+    m = default_m_per_class(batch, classes, preferred, num_processes=processes)
+    assert m == expected and batch % m == 0
+    if preferred:
+        assert processes * batch // m <= min(preferred, classes)

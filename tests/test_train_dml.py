@@ -303,6 +303,24 @@ def test_the_same_semantic_proxy_command_twice_gives_identical_results(workspace
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_semantic_proxy_defaults_to_the_released_batch_shape(workspace, tmp_path):
+    """Without --m_per_class, SemanticProxyVPT fills the batch with as many classes as the data have, up to the
+    released code's 32 (here 4 classes, batch 4: one image each); other methods keep 4 images per class."""
+    script = load_script()
+    base = args(workspace, tmp_path / "x", "--max_steps", "1", "--eval_every_epochs", "0")
+    unset = base[: base.index("--m_per_class")] + base[base.index("--m_per_class") + 2 :]
+    runs = {}
+    for method, options in [("semantic_proxy", '{"num_prompts": 2, "num_class_prompts": 2}'), ("vpt", None)]:
+        out = tmp_path / method
+        argv = [a if a != str(tmp_path / "x") else str(out) for a in unset] + ["--method", method]
+        runs[method] = script.main(argv + (["--method_kwargs", options] if options else []))
+        assert json.loads((out / "results.json").read_text())["m_per_class"] == runs[method]["m_per_class"]
+    assert runs["semantic_proxy"]["m_per_class"] == 1 and runs["vpt"]["m_per_class"] == 4
+    explicit = script.main(args(workspace, tmp_path / "given", "--method", "semantic_proxy", "--max_steps", "1",
+                                "--method_kwargs", '{"num_prompts": 2, "num_class_prompts": 2}'))
+    assert explicit["m_per_class"] == 2  # a given value always wins
+
+
 def test_ship_run_fits_the_hierarchy_first(workspace, tmp_path):
     summary = load_script().main(args(workspace, tmp_path, "--method", "ship", "--max_steps", "2",
                                       "--method_kwargs", '{"level_prompt_tokens": 2, "share_threshold": 0.999, '

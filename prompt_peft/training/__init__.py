@@ -6,7 +6,7 @@ Seeding: use ``accelerate.utils.set_seed`` (not re-implemented here).
 
 from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .checks import check_finite
-from .dataloader import build_train_dataloader
+from .dataloader import build_train_dataloader, default_m_per_class
 from .diagnostics import proxy_diagnostics
 from .evaluation import evaluate_frozen_backbone, evaluate_retrieval, format_metrics
 from .optim import PROXY_LR_FACTOR, build_optimizer, build_scheduler, freeze_unused_backbone_parameters
@@ -22,6 +22,7 @@ __all__ = [
     "build_scheduler",
     "build_train_dataloader",
     "card_kwargs",
+    "default_m_per_class",
     "check_finite",
     "clip_grad_norm_",
     "evaluate_frozen_backbone",

@@ -36,7 +36,9 @@ from ..data.samplers import MPerClassBatchSampler
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["build_train_dataloader"]
+__all__ = ["build_train_dataloader", "default_m_per_class"]
+
+DEFAULT_M_PER_CLASS = 4  # the usual Proxy-Anchor batch shape (e.g. 32 images = 8 classes x 4)
 
 _SAMPLER_OWNED = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
 
@@ -119,3 +121,22 @@ def _per_process_batch_size(batch_size: int | None, global_batch_size: int | Non
             f"= {world} × {m}, so that every process gets whole classes"
         )
     return global_batch_size // world
+
+
+def default_m_per_class(
+    batch_size: int, num_classes: int, classes_per_batch: int | None = None, *, num_processes: int = 1
+) -> int:
+    """Images per class for a batch of ``batch_size`` images per process, when the user did not choose.
+
+    Without a method preference (``classes_per_batch=None``): :data:`DEFAULT_M_PER_CLASS` (4), or the fewest
+    images per class that still give whole classes per process. With one (e.g. SemanticProxyVPT's released 32
+    classes per batch): as many classes per global batch as the data allow, i.e. the smallest ``m`` dividing
+    ``batch_size`` with ``num_processes * batch_size / m <= min(classes_per_batch, num_classes)``.
+    """
+    if batch_size < 1 or num_classes < 1:
+        raise ValueError(f"batch_size and num_classes must be positive, got {batch_size} and {num_classes}")
+    divisors = [m for m in range(1, batch_size + 1) if batch_size % m == 0]
+    if classes_per_batch is None:
+        return max(m for m in divisors if m <= DEFAULT_M_PER_CLASS)
+    classes = min(classes_per_batch, num_classes)
+    return next((m for m in divisors if num_processes * batch_size // m <= classes), batch_size)

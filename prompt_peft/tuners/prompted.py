@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,10 @@ class PromptedConfig(PeftConfig):
     backbone sizes are recorded when the adapter is created, so loading it onto a different backbone fails
     with a clear message instead of a tensor-shape error.
     """
+
+    # Classes per training batch in the method's released recipe, when it depends on it (the default batch shape of
+    # examples/train_dml.py: prompt_peft.training.default_m_per_class); None: no preference.
+    released_classes_per_batch: ClassVar[Optional[int]] = None
 
     embedding_dim: int = field(default=512, metadata={"help": "Size of the L2-normalised retrieval embedding."})
     num_classes: Optional[int] = field(

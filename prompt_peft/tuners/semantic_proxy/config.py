@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 from ...registry import add_peft_type
 from ..prompted import PromptStep, TokenPromptConfig, _check_positive
@@ -33,6 +34,10 @@ class SemanticProxyVPTConfig(TokenPromptConfig):
                                SemanticProxyVPTConfig(num_classes=100, embedding_dim=384))
         out = model(pixel_values=x, labels=y)   # out.embeddings (sample branch), out.loss
     """
+
+    # The released configs draw 32 classes per batch (B/k = 64/2 or 32/1): every batch folds 32 classes into the
+    # semantic proxies and gives Proxy-Anchor 32 positive proxies (docs/methods.md, VPTSP-G, sampler).
+    released_classes_per_batch: ClassVar[Optional[int]] = 32
 
     num_prompts: int = field(default=10, metadata={"help": "Shared prompts N of block 0 (code: num_prompt)."})
     prompt_depth: int | None = field(
