@@ -28,7 +28,8 @@ complete one-seed table comes first).
 Resumable: every trial and every final run writes one JSON record (``<results_dir>/sweep-<preset>/search/<row>/
 <trial>.json``, ``.../final/<row>-seed<k>.json``) and is skipped when it exists; an interrupted training job
 resumes from its last checkpoint. The Markdown table ``<results_dir>/sweep-<preset>.md`` is rebuilt from the
-records at the end of every invocation (``--table_only``: only that).
+records at the end of every invocation (``--table_only``: only that), and ``sweep-<preset>-search.md`` lists every
+search trial's validation metrics (readable while the sweep runs).
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def run_trial(args, name: str, values: dict, stage: str) -> dict:
         "validation_metrics": raw["validation_metrics"],
         "test_metrics": raw["final_metrics"],  # None: a trial never looks at the test classes
         "train_seconds": raw["train_seconds"],
+        "finished": round(time.time()),
         "command": " ".join(shlex.quote(portable(c)) for c in command),
     }
     write_record(path, record)
@@ -319,6 +321,36 @@ def render_table(records: list[dict], preset: str) -> str:
     return "\n".join([*lines, "", *notes]) + "\n"
 
 
+def render_search_table(trials: list[dict], select_metric: str) -> str:
+    """Markdown: every search trial (validation classes only), row by row in the order they ran; the best trial of
+    each row so far in bold. Readable while the sweep is still running."""
+    head = ["Method", "stage", "values", "val R@1", "val MAP@R", "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_row: dict[str, list[dict]] = {}
+    for trial in trials:
+        by_row.setdefault(trial["row"], []).append(trial)
+    for name in [n for n in SPACES if n in by_row]:
+        rows = sorted(by_row[name], key=lambda t: t.get("finished", 0))
+        best = max(rows, key=lambda t: t["validation_metrics"][select_metric])
+        for trial in rows:
+            values = _chosen_text({"chosen": trial["values"]})
+            cells = [label(name), trial["stage"], f"**{values}**" if trial is best else values]
+            cells += [f"{100 * trial['validation_metrics'][key]:.2f}" for key in ("recall@1", "map@r")]
+            cells.append(f"{trial['train_seconds'] / 60:.1f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    note = (f"Search trials at seed {trials[0]['seed']}, validation classes only (the test classes are never "
+            f"evaluated); bold: the best {select_metric} of the row so far. Commands: the JSON records.")
+    return "\n".join([*lines, "", note]) + "\n"
+
+
+def rebuild_search_table(args) -> None:
+    base = Path(args.results_dir) / f"sweep-{args.preset}"
+    trials = [json.loads(p.read_text()) for p in sorted((base / "search").glob("*/*.json"))]
+    if trials:
+        text = render_search_table(trials, args.select_metric)
+        (Path(args.results_dir) / f"sweep-{args.preset}-search.md").write_text(text)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     base = Path(args.results_dir) / f"sweep-{args.preset}"
@@ -333,6 +365,7 @@ def main(argv=None) -> list[dict]:
         for seed in [] if args.search_only else args.seeds:
             for name, (values, trials) in chosen.items():
                 final_run(args, name, seed, values, len(trials))
+    rebuild_search_table(args)
     return rebuild_table(base / "final", render_table, Path(args.results_dir) / f"sweep-{args.preset}.md", args.preset)
 
 

@@ -111,3 +111,15 @@ def test_table_reports_test_metrics_of_the_final_runs_and_the_chosen_values(swep
     assert cells[1] == sweep._chosen_text(deep[0]) and cells[2] == "5" and cells[3] == "0,1"
     assert cells[4] == f"{statistics.fmean(r1):.2f} ± {statistics.stdev(r1):.2f}"
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:4]] == ["Frozen backbone", "VPT-deep"]
+
+
+def test_search_table_lists_every_trial_with_its_validation_metrics(swept):
+    sweep, root, _, _ = swept
+    trials = search_records(root, "vpt_deep")
+    lines = [line for line in (root / "results" / "sweep-cpu-search.md").read_text().splitlines()
+             if line.startswith("| VPT-deep |")]  # fmt: skip
+    assert len(lines) == len(trials) == 5
+    best = max(trials, key=lambda t: t["validation_metrics"]["map@r"])
+    bold = [line for line in lines if "**" in line]
+    assert len(bold) == 1 and sweep._chosen_text({"chosen": best["values"]}) in bold[0]
+    assert f"{100 * best['validation_metrics']['map@r']:.2f}" in bold[0]
