@@ -81,7 +81,7 @@ ROWS = {
     "ship": Row("SHIP", "ship", {"level_prompt_tokens": 10, "hierarchy_images": 1000, "prototype_images": 1000}),
     "semantic_proxy": Row("SemanticProxyVPT", "semantic_proxy", {"bitfit": False}),
     "semantic_proxy_bitfit": Row("SemanticProxyVPT + BitFit", "semantic_proxy", {"bitfit": True}),
-    "frpt": Row("FRPT", "frpt", {}),
+    "frpt": Row("FRPT", "frpt", {"ce_loss_weight": 1.0}),  # the default, spelled out for sweep.py's search
     # what users would pick instead, with the same head and loss (prompt_peft.backbone_tuning)
     "bitfit": Row("BitFit (biases)", "vpt", {"num_prompts": 0}, {"backbone_lr": 1e-3, "backbone_tuning": "bias"}),
     "lora": Row(

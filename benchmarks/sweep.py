@@ -12,7 +12,8 @@ Protocol (issue 17):
 * **The same search for every row**, full fine-tuning and the linear probe included, at ``search_seed``:
   (1) the learning rate (the backbone's for full fine-tuning, the adapter's otherwise) at ``LR_FACTORS`` times
   the row's usual value, ``base_steps`` steps; (2) ``2 x base_steps`` at the best learning rate; (3) where the
-  method has a prompt length (or a rank), the row's alternative lengths at the best (learning rate, steps).
+  method has a prompt length (or a rank; FRPT: its cross-entropy weight, 1 or 0), the row's alternative lengths
+  at the best (learning rate, steps).
   A stage keeps its incumbent unless a trial beats it on validation ``--select_metric`` (MAP@R by default:
   R@1 on a few hundred validation images moves by whole points between seeds).
 * **Final runs**: each seed trains on the same training classes with the chosen values and evaluates the
@@ -114,7 +115,9 @@ SPACES = {
     "semantic_proxy_bitfit": Space(
         1e-3, length_key="num_prompts", lengths=(5, 30), train_args=(("m_per_class", 1),)
     ),
-    "frpt": Space(1e-3),
+    # FRPT has no prompt length; its third knob is the classifier's cross-entropy (paper: CE only; ours adds
+    # Proxy-Anchor), on or off
+    "frpt": Space(1e-3, length_key="ce_loss_weight", lengths=(0.0,)),
     "bitfit": Space(1e-3, lr_key="backbone_lr"),
     "lora": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
 }
@@ -280,7 +283,8 @@ def _chosen_text(record: dict) -> str:
     if not chosen:
         return "-"
     short = {"learning_rate": "lr", "backbone_lr": "backbone lr", "num_prompts": "prompts",
-             "level_prompt_tokens": "level prompts", "steps": "steps", "lora_rank": "rank"}  # fmt: skip
+             "level_prompt_tokens": "level prompts", "steps": "steps", "lora_rank": "rank",
+             "ce_loss_weight": "CE weight"}  # fmt: skip
     return ", ".join(f"{short.get(k, k)} {v:g}" if isinstance(v, float) else f"{short.get(k, k)} {v}"
                      for k, v in chosen.items())  # fmt: skip
 

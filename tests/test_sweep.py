@@ -123,3 +123,17 @@ def test_search_table_lists_every_trial_with_its_validation_metrics(swept):
     bold = [line for line in lines if "**" in line]
     assert len(bold) == 1 and sweep._chosen_text({"chosen": best["values"]}) in bold[0]
     assert f"{100 * best['validation_metrics']['map@r']:.2f}" in bold[0]
+
+
+def test_frpt_searches_its_cross_entropy_weight_as_a_method_option(monkeypatch, tmp_path):
+    """FRPT's third stage turns the classifier's cross-entropy off (the paper trains with CE only, we add
+    Proxy-Anchor); the value reaches train_dml.py as a method option, not as a training setting."""
+    sweep = load_sweep()
+    monkeypatch.setattr(sweep, "run_trial", lambda args, name, values, stage: {
+        "values": values, "stage": stage, "validation_metrics": {"map@r": 0.5 - values["ce_loss_weight"] / 10}})
+    args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
+    chosen, trials = sweep.search(args, "frpt")
+    assert [t["values"]["ce_loss_weight"] for t in trials] == [1.0] * 4 + [0.0] and chosen["ce_loss_weight"] == 0.0
+    command = sweep.train_command(args, "frpt", chosen, 0, tmp_path, eval_test=False)
+    options = json.loads(command[command.index("--method_kwargs") + 1])
+    assert options == {"ce_loss_weight": 0.0} and "--ce_loss_weight" not in command
