@@ -264,6 +264,40 @@ def test_spatial_parser_equals_the_same_padded_convolution(shape, kernel):
                                torch.autograd.grad(reference, (x, w), upstream))  # fmt: skip
 
 
+@pytest.mark.parametrize("kind, kernel", [("spatial", 5), ("pointwise", 1)])
+def test_parser_applies_its_kernel_times_one_over_sqrt_fan_in(kind, kernel):
+    """The equalised learning rate: the stored kernel is used times 1/sqrt(fan_in) (fan_in = D·σ²), against
+    conv2d with that kernel; the 'default' init then matches PyTorch's conv init, U(±1/sqrt(fan_in))."""
+    from prompt_peft.tuners.frpt.model import ContentParser
+
+    torch.manual_seed(0)
+    parser = ContentParser(8, kind, kernel, "default").double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    fan_in = 8 * kernel * kernel
+    assert parser.scale == pytest.approx(fan_in**-0.5)
+    used = parser.weight * fan_in**-0.5
+    assert used.abs().max() <= fan_in**-0.5 and used.abs().max() > 0.5 * fan_in**-0.5
+    inputs = torch.relu(x) if kind == "pointwise" else x
+    reference = F.conv2d(inputs, used, parser.bias, padding=kernel // 2)[:, 0]
+    torch.testing.assert_close(parser(x), reference)
+
+
+def test_an_adapter_saved_with_the_unscaled_parser_names_fails_to_load(tmp_path):
+    """Adapters saved before the 1/sqrt(fan_in) factor stored a plain conv (``frpt_parser.conv.weight``): loading
+    one must fail, not apply its kernel 1/scale times too strongly."""
+    from safetensors.torch import save_file
+
+    model = wrapped()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    old = {k.replace("frpt_parser.weight", "frpt_parser.conv.weight"): v for k, v in tensors.items()}
+    assert old.keys() != tensors.keys()
+    save_file(old, path)
+    with pytest.raises(prompt_peft.AdapterMismatchError, match="frpt_parser"):
+        PeftModel.from_pretrained(tiny_model("ViTModel"), tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------- DPP in the model
 
 
@@ -286,12 +320,13 @@ def test_zero_parser_is_the_identity_and_training_moves_it():
 def test_parser_peak_moves_the_image_towards_it():
     model = wrapped(perturb=False, parser="pointwise")
     layer = model.base_model.model.embeddings
-    conv = layer.frpt_parser["default"].conv
+    parser = layer.frpt_parser["default"]
     x = pixels(batch=1)
     with torch.no_grad():
         features = layer.early_features(1, x)  # (1, D, 4, 4)
         direction = features[0, :, 0, 0] - features[0].mean(dim=(1, 2))
-        conv.weight.copy_(direction.clamp_min(0).view(1, D, 1, 1) * 10)  # ReLU'd input: large at token (0, 0)
+        # ReLU'd input: large at token (0, 0)
+        parser.weight.copy_(direction.clamp_min(0).view(1, D, 1, 1) * 10 / parser.scale)
     saliency = model.base_model.saliency_maps(x)
     assert saliency[0, :10, :10].sum() > 0.5  # the top-left cells hold most of the mass
     grid = sampling_grid(saliency, layer._kernel("default"), (32, 32))
