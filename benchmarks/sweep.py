@@ -103,7 +103,6 @@ class Space:
     lr_key: str = "learning_rate"  # "backbone_lr" for full fine-tuning
     length_key: str | None = None  # a method_kwargs key (prompt length, LoRA rank), if the method has one
     lengths: tuple = ()  # alternatives to the row's own value, tried in stage 3
-    train_args: tuple = ()  # (key, value) pairs over the protocol's, e.g. a method's official batch shape
 
 
 SPACES = {
@@ -148,7 +147,6 @@ def train_command(args, name: str, values: dict, seed: int, out: Path, *, eval_t
         **PROTOCOL,
         **{k: v for k, v in preset.items() if k != "base_steps" and v is not None},
         **row.train_args,
-        **dict(space.train_args),
         **length,
         space.lr_key: values[space.lr_key],
         "max_steps": values["steps"],
@@ -252,7 +250,7 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         "label": label(name),
         "seed": seed,
         "preset": args.preset,
-        "settings": {**PRESETS[args.preset], **PROTOCOL, **ROWS[name].train_args, **dict(SPACES[name].train_args)}
+        "settings": {**PRESETS[args.preset], **PROTOCOL, **ROWS[name].train_args}
         if name in SPACES
         else {**PRESETS[args.preset]},
         "chosen": chosen,
