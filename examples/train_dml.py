@@ -382,7 +382,8 @@ def run(argv=None):
 
     metrics, embedded, eval_seconds = None, None, None
     all_evals_seconds = time.time() - baseline_start if baseline else 0.0
-    for epoch in range(step // steps_per_epoch, num_epochs):
+    # a run resumed from its last step re-enters its last epoch only to evaluate and save (no extra step)
+    for epoch in range(min(step // steps_per_epoch, num_epochs - 1), num_epochs):
         model.train()
         done_in_epoch = (step - epoch * steps_per_epoch) * train_args.gradient_accumulation_steps
         batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
@@ -392,6 +393,8 @@ def run(argv=None):
         sampler.set_epoch(epoch)
         train_split.set_epoch(epoch)
         for micro_step, batch in enumerate(batches, start=done_in_epoch):
+            if step >= total_steps:
+                break
             # Dropout & co. draw from a seed fixed by (seed, epoch, micro-step, process): resuming needs no
             # RNG bookkeeping, and prefetching or iterator creation cannot shift the random stream.
             torch.manual_seed(hash((train_args.seed, epoch, micro_step, accelerator.process_index)) % 2**62)

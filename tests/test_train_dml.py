@@ -4,6 +4,7 @@ kill and resume, 2-process DDP, NaN guard."""
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,6 +162,23 @@ def test_yaml_config_with_cli_override(workspace, tmp_path):
     config.write_text("not_an_option: 1\n")
     with pytest.raises(SystemExit):
         load_script().parse_args(["--config", str(config)])
+
+
+@pytest.mark.parametrize("length", [["--max_steps", "3"], ["--num_epochs", "1"]])
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_result(workspace, tmp_path, length):
+    """Killed between the last step's checkpoint and the save: resuming trains no extra step and still evaluates."""
+    common = [*length, "--checkpointing_steps", "1", "--eval_every_epochs", "0"]
+    first = load_script().main(args(workspace, tmp_path, *common))
+    reference = adapter_weights(tmp_path)
+    for saved in ("adapter", "results.json"):  # what the kill would have prevented
+        shutil.rmtree(tmp_path / saved) if saved == "adapter" else (tmp_path / saved).unlink()
+    again = load_script().main(args(workspace, tmp_path, *common, "--resume_from_checkpoint", "latest"))
+    assert again["steps"] == first["steps"]
+    assert again["final_metrics"] == pytest.approx(first["final_metrics"], abs=1e-6)
+    got = adapter_weights(tmp_path)
+    assert got.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("method", ["vpt", "semantic_proxy"])
