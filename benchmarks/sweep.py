@@ -11,13 +11,16 @@ Protocol (issue 17):
   (``examples/train_dml.py --val_classes``); every choice is made on them, never on the test classes.
 * **The same search for every row**, full fine-tuning and the linear probe included, at ``search_seed``:
   (1) the learning rate (the backbone's for full fine-tuning, the adapter's otherwise) at ``LR_FACTORS`` times
-  the row's usual value, ``base_steps`` steps; (2) ``2 x base_steps`` at the best learning rate; (3) where the
+  the row's usual value, ``base_steps`` steps; while the best rate is the highest or lowest tried, one more
+  factor of 3 beyond it (at most ``LR_EXTENSIONS`` times: an optimum at the grid's edge is not an optimum); (2) ``2 x base_steps`` at the best learning rate; (3) where the
   method has a prompt length (or a rank; FRPT: its cross-entropy weight, 1 or 0), the row's alternative lengths
   at the best (learning rate, steps).
   A stage keeps its incumbent unless a trial beats it on validation ``--select_metric`` (MAP@R by default:
   R@1 on a few hundred validation images moves by whole points between seeds).
 * **Final runs**: each seed trains on the same training classes with the chosen values and evaluates the
-  validation classes, then the test classes once. The table reports test metrics as mean ± sample std over the
+  validation classes, then the test classes once. The search seed's final run is the chosen trial's command
+  with ``--eval_test true``: training is deterministic, so it resumes from that trial's last checkpoint and
+  only evaluates (the record names the trial; its command re-trains from scratch to the same numbers). The table reports test metrics as mean ± sample std over the
   seeds, the chosen values and the number of search trials.
 
 Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 steps, test and validation capped at 20 images per class (the
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -93,6 +97,7 @@ PROTOCOL = {
     "checkpointing_steps": 50,
 }
 LR_FACTORS = (1 / 3, 1.0, 3.0)
+LR_EXTENSIONS = 2  # the grid may grow to 1/27 or 27 times the usual rate
 
 
 @dataclass(frozen=True)
@@ -217,8 +222,17 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
             scored.append((record, record["validation_metrics"][args.select_metric]))
         return max(scored, key=lambda pair: pair[1])[0]["values"]  # the first of equals: the incumbent
 
-    rates = [float(f"{space.lr * f:.3g}") for f in LR_FACTORS]  # 3.33e-4, not 3.3333333333333335e-4
+    def rounded(rate: float) -> float:
+        return float(f"{rate:.3g}")  # 3.33e-4, not 3.3333333333333335e-4
+
+    rates = [rounded(space.lr * f) for f in LR_FACTORS]
     best = stage("learning rate", [{**start, space.lr_key: rate} for rate in rates], None)
+    for _ in range(LR_EXTENSIONS):
+        rate = best[space.lr_key]
+        if rate not in (min(rates), max(rates)):
+            break
+        rates.append(rounded(rate * 3 if rate == max(rates) else rate / 3))
+        best = stage("learning rate", [{**best, space.lr_key: rates[-1]}], best)
     best = stage("steps", [{**best, "steps": 2 * steps}], best)
     if space.length_key:
         best = stage("length", [{**best, space.length_key: length} for length in space.lengths], best)
@@ -228,6 +242,25 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
 # ------------------------------------------------------------------------------------------------ final runs
 
 
+def reuse_search_training(args, name: str, chosen: dict, out: Path) -> dict | None:
+    """Seeds the search seed's final run with the chosen trial's last checkpoint (the same training: the trial's
+    command bar ``--eval_test`` and ``--output_dir``), so that it resumes there and only evaluates. Returns the
+    trial's record, or None when its record or last checkpoint is gone (the final run then trains)."""
+    record = Path(args.results_dir) / f"sweep-{args.preset}" / "search" / name / f"{trial_name(chosen)}.json"
+    last = Path(args.work_dir) / f"sweep-{args.preset}" / "search" / name / trial_name(chosen) / "checkpoints"
+    last = last / f"step_{chosen['steps']}"
+    if not (record.is_file() and (last / "trainer_state.json").is_file()):
+        return None
+    target = out / "checkpoints" / last.name
+    if not target.exists():
+        partial = target.with_name(target.name + ".copying")  # a half copy is never taken for a checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(last, partial)
+        partial.rename(target)
+    return json.loads(record.read_text())
+
+
+
 def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: int) -> dict:
     path = Path(args.results_dir) / f"sweep-{args.preset}" / "final" / (f"{name}-seed{seed}" if chosen else name)
     path = path.with_suffix(".json")
@@ -235,6 +268,7 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         return json.loads(path.read_text())
     out = Path(args.work_dir) / f"sweep-{args.preset}" / "final" / path.stem
     out.mkdir(parents=True, exist_ok=True)
+    trial = reuse_search_training(args, name, chosen, out) if chosen and seed == args.search_seed else None
     if chosen is None:  # the frozen backbone: no training, nothing to choose
         command = frozen_command(args, out)
         raw = run_logged(command, out, name)
@@ -260,7 +294,8 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         "metrics": metrics,
         "validation_metrics": validation,
         "parameters": params,
-        "train_seconds": train_seconds,
+        "train_seconds": trial["train_seconds"] if trial else train_seconds,
+        "trained_by_trial": trial_name(chosen) if trial else None,
         **run_facts(args, command, images, seconds),
     }
     write_record(path, record)
@@ -315,7 +350,8 @@ def render_table(records: list[dict], preset: str) -> str:
         + (f", at most {settings['eval_images_per_class']} images per class evaluated"
            if settings["eval_images_per_class"] else "")  # fmt: skip
         + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. Values chosen on validation "
-        f"{first['select_metric']} (learning rate x {{1/3, 1, 3}}, then 2x steps, then the prompt length).",
+        f"{first['select_metric']} (learning rate x {{1/3, 1, 3}}, extended by 3x while the best is at an edge, "
+        "then 2x steps, then the prompt length).",
         f"Machine: {first['machine']}.",
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
         "the seeds. Trials: search runs (at one seed) behind the chosen values.",
