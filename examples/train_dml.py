@@ -66,7 +66,6 @@ from prompt_peft.training import (
     build_optimizer,
     build_scheduler,
     build_train_dataloader,
-    default_m_per_class,
     card_kwargs,
     check_finite,
     evaluate_frozen_backbone,
@@ -282,28 +281,21 @@ def run(argv=None):
     eval_splits = {k: v for k, v in splits.items() if k not in ("train", VALIDATION)}
     # every evaluation during training (and any selection) reads the validation classes when there are some
     select_splits = {"test": splits[VALIDATION]} if VALIDATION in splits else eval_splits
-    if data_args.m_per_class is None:
-        per_process = data_args.global_batch_size // accelerator.num_processes if data_args.global_batch_size else (
-            data_args.batch_size
-        )
-        data_args.m_per_class = default_m_per_class(
-            per_process,
-            len(label_map),
-            prompt_peft.METHODS[model_args.method][0].released_classes_per_batch,
-            num_processes=accelerator.num_processes,
-        )
-        logger.info("%d images per class in a batch (--m_per_class)", data_args.m_per_class)
     loader, sampler = build_train_dataloader(
         train_split,
         train_labels,
         accelerator,
-        m=data_args.m_per_class,
+        m=data_args.m_per_class,  # None: the method's preferred batch shape where the data allow it
+        classes_per_batch=prompt_peft.METHODS[model_args.method][0].released_classes_per_batch,
         batch_size=None if data_args.global_batch_size else data_args.batch_size,
         global_batch_size=data_args.global_batch_size,
         seed=train_args.seed,
         num_workers=data_args.num_workers,
         collate_fn=train_collate,
     )
+    if data_args.m_per_class is None:
+        data_args.m_per_class = sampler.m  # recorded in results.json and the model card
+        logger.info("%d images per class in a batch (--m_per_class)", sampler.m)
 
     # ---- model, optimiser, schedule
     model = build_model(model_args, num_classes=len(label_map), train_args=train_args)

@@ -177,6 +177,24 @@ def test_build_train_dataloader_single_process():
         build_train_dataloader(dataset, LABELS[:-1], accelerator, m=2, batch_size=4)
 
 
+
+@pytest.mark.parametrize("preferred, expected", [(None, 4), (32, 2)])
+def test_build_train_dataloader_resolves_the_default_batch_shape(preferred, expected):
+    """m=None: default_m_per_class for the batch and the classes of the labels (11 classes, batch 12: 4 images
+    per class without a preference; a method wanting 32 classes gets 6 x 2, since 12 x 1 needs 12 classes)."""
+    from accelerate import Accelerator
+
+    from prompt_peft.training import build_train_dataloader
+
+    dataset = TensorDataset(torch.arange(len(LABELS)), torch.tensor(LABELS))
+    accelerator = Accelerator(cpu=True)
+    _, sampler = build_train_dataloader(dataset, LABELS, accelerator, classes_per_batch=preferred, batch_size=12)
+    assert sampler.m == expected
+    _, same = build_train_dataloader(dataset, LABELS, accelerator, classes_per_batch=preferred, global_batch_size=12)
+    assert same.m == expected
+    with pytest.raises(TypeError, match="exactly one"):
+        build_train_dataloader(dataset, LABELS, accelerator, classes_per_batch=preferred)
+
 # --- real 2-process DDP (gloo) ------------------------------------------------------------------------------
 
 DDP_SCRIPT = """

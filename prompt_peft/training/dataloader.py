@@ -48,7 +48,8 @@ def build_train_dataloader(
     labels: Sequence | np.ndarray | torch.Tensor,
     accelerator: Accelerator,
     *,
-    m: int,
+    m: int | None = None,
+    classes_per_batch: int | None = None,
     batch_size: int | None = None,
     global_batch_size: int | None = None,
     seed: int = 0,
@@ -64,7 +65,10 @@ def build_train_dataloader(
             every image).
         accelerator: the run's ``Accelerator``; must use the default ``split_batches=False`` and
             ``dispatch_batches`` off (see the module docstring).
-        m: images per class in a batch.
+        m: images per class in a batch; ``None``: :func:`default_m_per_class` for the batch, the number of classes
+            in ``labels`` and ``classes_per_batch`` (the value used is ``sampler.m``).
+        classes_per_batch: the method's preferred classes per global batch when ``m`` is ``None`` (e.g.
+            ``SemanticProxyVPTConfig.released_classes_per_batch``); ``None``: no preference.
         batch_size: images per batch **per process** (the global batch is ``batch_size × num_processes``).
         global_batch_size: instead of ``batch_size``: images per step over all processes, split evenly (each
             share a multiple of ``m``). The same value gives the same sequence of global batches on any
@@ -88,7 +92,14 @@ def build_train_dataloader(
             "build_train_dataloader needs dispatch_batches off: each process builds the same batch sequence "
             "itself, so there is nothing to dispatch"
         )
-    batch_size = _per_process_batch_size(batch_size, global_batch_size, accelerator.num_processes, m)
+    world = accelerator.num_processes
+    if (batch_size is None) == (global_batch_size is None):
+        raise TypeError("pass exactly one of batch_size (per process) and global_batch_size (all processes)")
+    if m is None:
+        per_process = batch_size if global_batch_size is None else global_batch_size // world
+        num_classes = len(np.unique(np.asarray(labels)))
+        m = default_m_per_class(per_process, num_classes, classes_per_batch, num_processes=world)
+    batch_size = _per_process_batch_size(batch_size, global_batch_size, world, m)
     clashing = sorted(set(dataloader_kwargs) & set(_SAMPLER_OWNED))
     if clashing:
         raise TypeError(f"{clashing} are set by the sampler; pass batch_size/drop_last as named arguments")
@@ -111,8 +122,6 @@ def build_train_dataloader(
 
 
 def _per_process_batch_size(batch_size: int | None, global_batch_size: int | None, world: int, m: int) -> int:
-    if (batch_size is None) == (global_batch_size is None):
-        raise TypeError("pass exactly one of batch_size (per process) and global_batch_size (all processes)")
     if global_batch_size is None:
         return batch_size
     if global_batch_size < 1 or global_batch_size % (world * m):
