@@ -269,6 +269,7 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
     out = Path(args.work_dir) / f"sweep-{args.preset}" / "final" / path.stem
     out.mkdir(parents=True, exist_ok=True)
     trial = reuse_search_training(args, name, chosen, out) if chosen and seed == args.search_seed else None
+    start = time.time()
     if chosen is None:  # the frozen backbone: no training, nothing to choose
         command = frozen_command(args, out)
         raw = run_logged(command, out, name)
@@ -296,6 +297,8 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         "parameters": params,
         "train_seconds": trial["train_seconds"] if trial else train_seconds,
         "trained_by_trial": trial_name(chosen) if trial else None,
+        # what regenerating this run from scratch costs: its wall time, plus the trial's training it reused
+        "wall_seconds": round(time.time() - start + (trial["train_seconds"] if trial else 0.0), 1),
         **run_facts(args, command, images, seconds),
     }
     write_record(path, record)
@@ -352,11 +355,19 @@ def render_table(records: list[dict], preset: str) -> str:
         + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. Values chosen on validation "
         f"{first['select_metric']} (learning rate x {{1/3, 1, 3}}, extended by 3x while the best is at an edge, "
         "then 2x steps, then the prompt length).",
-        f"Machine: {first['machine']}.",
+        f"Machine: {first['machine']}." + _regeneration_note(records),
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
         "the seeds. Trials: search runs (at one seed) behind the chosen values.",
     ]
     return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def _regeneration_note(records: list[dict]) -> str:
+    timed = [r["wall_seconds"] for r in records if "wall_seconds" in r]
+    if not timed:
+        return ""
+    return (f" The {len(timed)} final runs took {sum(timed) / 3600:.2f} h of wall time in all (run by run; the"
+            " search seed's training counted at its trial's time).")
 
 
 def render_search_table(trials: list[dict], select_metric: str) -> str:

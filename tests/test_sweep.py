@@ -169,5 +169,8 @@ def test_the_search_seeds_final_run_evaluates_the_chosen_trials_training(swept):
     trained = sorted(p.name for p in (run_dir / "vpt_deep-seed1" / "checkpoints").iterdir())
     assert copied == [f"step_{finals[0]['chosen']['steps']}"]  # checkpointing every step: none was trained
     assert len(trained) == finals[1]["chosen"]["steps"]
+    assert all(r["wall_seconds"] >= r["train_seconds"] for r in finals.values())  # what regenerating costs
+    total = sum(r["wall_seconds"] for r in records if "wall_seconds" in r)
+    assert f"took {total / 3600:.2f} h of wall time" in (root / "results" / "sweep-cpu.md").read_text()
     command = finals[0]["command"]
     assert "--seed 0" in command and "--eval_test true" in command and "--resume_from_checkpoint latest" in command
