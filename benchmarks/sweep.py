@@ -39,6 +39,7 @@ search trial's validation metrics (readable while the sweep runs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -47,6 +48,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import prompt_peft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when loaded by path
 from portable import portable  # noqa: E402
@@ -205,12 +208,24 @@ def run_trial(args, name: str, values: dict, stage: str) -> dict:
     return record
 
 
+def starting_length(name: str):
+    """The row's own prompt length (rank, ...): its fixed-protocol value, else the method config's default."""
+    key, row = SPACES[name].length_key, ROWS[name]
+    own = {**row.train_args, **row.method_kwargs}
+    if key in own:
+        return own[key]
+    defaults = {f.name: f.default for f in dataclasses.fields(prompt_peft.METHODS[row.method][0])}
+    if key not in defaults or defaults[key] is dataclasses.MISSING:
+        raise KeyError(f"row {name!r}: no value of {key!r} to start the search from")
+    return defaults[key]
+
+
 def search(args, name: str) -> tuple[dict, list[dict]]:
     """The three stages of the module docstring; returns the chosen values and every trial's record."""
     space, steps = SPACES[name], args.base_steps or PRESETS[args.preset]["base_steps"]
     start = {space.lr_key: space.lr, "steps": steps}
     if space.length_key:
-        start[space.length_key] = {**ROWS[name].train_args, **ROWS[name].method_kwargs}[space.length_key]
+        start[space.length_key] = starting_length(name)
     trials: list[dict] = []
 
     def stage(label: str, candidates: list[dict], incumbent: dict | None) -> dict:

@@ -36,6 +36,23 @@ def test_each_stage_keeps_the_best_validation_score_and_ties_keep_the_incumbent(
     assert len(probe_trials) == 5 and probe_chosen == {"learning_rate": 0.003, "steps": 20}
 
 
+
+@pytest.mark.parametrize("name", ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora"])
+def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alternatives(monkeypatch, tmp_path, name):
+    """The starting length is the row's fixed-protocol value or, when the row leaves it to the method, the
+    config's default (SemanticProxyVPT: num_prompts 10); stage 3 tries the row's alternatives at the best rate."""
+    sweep = load_sweep()
+    space = sweep.SPACES[name]
+    monkeypatch.setattr(sweep, "run_trial", lambda args, row, values, stage: {
+        "values": values, "stage": stage, "validation_metrics": {"map@r": 0.5}})
+    args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
+    chosen, trials = sweep.search(args, name)
+    start = trials[0]["values"][space.length_key]
+    assert start not in space.lengths and chosen[space.length_key] == start  # ties keep the incumbent
+    assert [t["values"][space.length_key] for t in trials if t["stage"] == "length"] == list(space.lengths)
+    if name == "semantic_proxy_bitfit":
+        assert start == sweep.prompt_peft.SemanticProxyVPTConfig().num_prompts == 10
+
 @pytest.mark.parametrize("direction", [1, -1])
 def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_twice(monkeypatch, tmp_path, direction):
     """Scores that keep improving towards one end: the grid grows by 3x per trial, twice, then stops."""
