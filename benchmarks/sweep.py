@@ -147,7 +147,7 @@ def train_command(args, name: str, values: dict, seed: int, out: Path, *, eval_t
     """The ``train_dml.py`` job of row ``name`` with the searched ``values`` (lr, steps, length)."""
     preset, row, space = PRESETS[args.preset], ROWS[name], SPACES[name]
     method_kwargs, length = dict(row.method_kwargs), {}
-    if space.length_key in method_kwargs:  # a prompt length; otherwise a training setting (LoRA's rank)
+    if space.length_key in config_defaults(name):  # a prompt length; otherwise a training setting (LoRA's rank)
         method_kwargs[space.length_key] = values[space.length_key]
     elif space.length_key:
         length = {space.length_key: values[space.length_key]}
@@ -208,13 +208,18 @@ def run_trial(args, name: str, values: dict, stage: str) -> dict:
     return record
 
 
+def config_defaults(name: str) -> dict:
+    """The fields of row ``name``'s method config with their defaults: the options ``--method_kwargs`` takes."""
+    return {f.name: f.default for f in dataclasses.fields(prompt_peft.METHODS[ROWS[name].method][0])}
+
+
 def starting_length(name: str):
     """The row's own prompt length (rank, ...): its fixed-protocol value, else the method config's default."""
     key, row = SPACES[name].length_key, ROWS[name]
     own = {**row.train_args, **row.method_kwargs}
     if key in own:
         return own[key]
-    defaults = {f.name: f.default for f in dataclasses.fields(prompt_peft.METHODS[row.method][0])}
+    defaults = config_defaults(name)
     if key not in defaults or defaults[key] is dataclasses.MISSING:
         raise KeyError(f"row {name!r}: no value of {key!r} to start the search from")
     return defaults[key]

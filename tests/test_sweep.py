@@ -52,6 +52,13 @@ def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alte
     assert [t["values"][space.length_key] for t in trials if t["stage"] == "length"] == list(space.lengths)
     if name == "semantic_proxy_bitfit":
         assert start == sweep.prompt_peft.SemanticProxyVPTConfig().num_prompts == 10
+    command = sweep.train_command(args, name, chosen, 0, tmp_path, eval_test=False)
+    options = json.loads(command[command.index("--method_kwargs") + 1])
+    if name == "lora":  # the rank is a training setting (peft's LoraConfig), not an option of the method
+        assert f"--{space.length_key}" in command and space.length_key not in options
+    else:  # a method option, which train_dml.py's parser would refuse as a flag
+        assert options[space.length_key] == start and f"--{space.length_key}" not in command
+    load_script(ROOT / "examples" / "train_dml.py").parse_args(command[2:])  # train_dml.py takes the command
 
 @pytest.mark.parametrize("direction", [1, -1])
 def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_twice(monkeypatch, tmp_path, direction):
