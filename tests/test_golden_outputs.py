@@ -18,4 +18,6 @@ def test_outputs_match_the_recorded_ones(method, family):
     recorded = {k.split("/", 2)[2]: v for k, v in GOLDEN.items() if k.startswith(f"{method}/{family}/")}
     assert set(outputs) == set(recorded)
     for key, value in outputs.items():
-        torch.testing.assert_close(value, recorded[key], rtol=1e-5, atol=1e-6, msg=f"{method}/{family}/{key}")
+        # float32 sums are reordered by the CPU's kernels (FRPT's convolutions differ by up to 5e-6 between two
+        # AMD EPYC machines with the same torch); a change of the computation moves them by far more than this.
+        torch.testing.assert_close(value, recorded[key], rtol=1e-4, atol=1e-5, msg=f"{method}/{family}/{key}")
