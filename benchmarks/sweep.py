@@ -368,7 +368,8 @@ def render_table(records: list[dict], preset: str) -> str:
     first, settings = records[0], PRESETS[preset]
     notes = [
         f"Preset `{preset}`: {settings['image_size']} px, batch {PROTOCOL['batch_size']} "
-        f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), proxy lr {PROTOCOL['proxy_lr']}, "
+        f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
+        f"proxy lr {PROTOCOL['proxy_lr']}, "
         f"{int(100 * PROTOCOL['val_classes'])} % of the training classes held out for validation"
         + (f", at most {settings['eval_images_per_class']} images per class evaluated"
            if settings["eval_images_per_class"] else "")  # fmt: skip

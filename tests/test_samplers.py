@@ -177,7 +177,6 @@ def test_build_train_dataloader_single_process():
         build_train_dataloader(dataset, LABELS[:-1], accelerator, m=2, batch_size=4)
 
 
-
 @pytest.mark.parametrize("preferred, expected", [(None, 4), (32, 2)])
 def test_build_train_dataloader_resolves_the_default_batch_shape(preferred, expected):
     """m=None: default_m_per_class for the batch and the classes of the labels (11 classes, batch 12: 4 images
@@ -194,6 +193,7 @@ def test_build_train_dataloader_resolves_the_default_batch_shape(preferred, expe
     assert same.m == expected
     with pytest.raises(TypeError, match="exactly one"):
         build_train_dataloader(dataset, LABELS, accelerator, classes_per_batch=preferred)
+
 
 # --- real 2-process DDP (gloo) ------------------------------------------------------------------------------
 

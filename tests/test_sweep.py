@@ -36,7 +36,6 @@ def test_each_stage_keeps_the_best_validation_score_and_ties_keep_the_incumbent(
     assert len(probe_trials) == 5 and probe_chosen == {"learning_rate": 0.003, "steps": 20}
 
 
-
 @pytest.mark.parametrize("name", ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora"])
 def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alternatives(monkeypatch, tmp_path, name):
     """The starting length is the row's fixed-protocol value or, when the row leaves it to the method, the
@@ -59,6 +58,7 @@ def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alte
     else:  # a method option, which train_dml.py's parser would refuse as a flag
         assert options[space.length_key] == start and f"--{space.length_key}" not in command
     load_script(ROOT / "examples" / "train_dml.py").parse_args(command[2:])  # train_dml.py takes the command
+
 
 @pytest.mark.parametrize("direction", [1, -1])
 def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_twice(monkeypatch, tmp_path, direction):

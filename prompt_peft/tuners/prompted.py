@@ -58,7 +58,7 @@ class PromptedConfig(PeftConfig):
     """
 
     # Classes per training batch in the method's released recipe, when it depends on it (the default batch shape of
-    # examples/train_dml.py: prompt_peft.training.default_m_per_class); None: no preference.
+    # prompt_peft.training.build_train_dataloader with m=None); None: no preference.
     released_classes_per_batch: ClassVar[Optional[int]] = None
 
     embedding_dim: int = field(default=512, metadata={"help": "Size of the L2-normalised retrieval embedding."})
