@@ -2,6 +2,7 @@
 chosen values, resumable records, the table from the records."""
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -61,15 +62,16 @@ def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alte
 
 
 @pytest.mark.parametrize("direction", [1, -1])
-def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_twice(monkeypatch, tmp_path, direction):
-    """Scores that keep improving towards one end: the grid grows by 3x per trial, twice, then stops."""
+def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_four_times(monkeypatch, tmp_path, direction):
+    """Scores that keep improving towards one end: the grid grows by 3x per trial, four times, then stops."""
     sweep = load_sweep()
     monkeypatch.setattr(sweep, "run_trial", lambda args, name, values, stage: {
         "values": values, "stage": stage, "validation_metrics": {"map@r": direction * values["learning_rate"]}})
     args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
     chosen, trials = sweep.search(args, "linear_probe")
     rates = [t["values"]["learning_rate"] for t in trials if t["stage"] == "learning rate"]
-    assert rates == [3.33e-4, 1e-3, 3e-3] + ([9e-3, 0.027] if direction == 1 else [1.11e-4, 3.7e-5])
+    beyond = [9e-3, 0.027, 0.081, 0.243] if direction == 1 else [1.11e-4, 3.7e-5, 1.23e-5, 4.1e-6]
+    assert sweep.LR_EXTENSIONS == 4 and rates == [3.33e-4, 1e-3, 3e-3] + beyond
     assert chosen["learning_rate"] == rates[-1]
 
 
@@ -110,7 +112,7 @@ def test_trials_see_validation_classes_only_and_the_choice_is_their_best(swept):
     for row in ("vpt_deep",):
         trials = search_records(root, row)
         count = len(trials)
-        assert 5 <= count <= 7  # 3 rates (+ up to 2 beyond the edge), 2x steps, 1 alternative length
+        assert 5 <= count <= 9  # 3 rates (+ up to 4 beyond the edge), 2x steps, 1 alternative length
         assert all(t["test_metrics"] is None and "--eval_test false" in t["command"] for t in trials)
         finals = [r for r in records if r["row"] == row]
         assert len(finals) == 2 and all(r["search_trials"] == count for r in finals)
@@ -198,3 +200,25 @@ def test_the_search_seeds_final_run_evaluates_the_chosen_trials_training(swept):
     assert f"took {total / 3600:.2f} h of wall time" in (root / "results" / "sweep-cpu.md").read_text()
     command = finals[0]["command"]
     assert "--seed 0" in command and "--eval_test true" in command and "--resume_from_checkpoint latest" in command
+
+
+def test_a_final_record_of_other_values_is_rerun_from_scratch(swept, monkeypatch, tmp_path):
+    """After the search changes its choice, a seed's old record and old checkpoints (another learning rate, say)
+    must not stand for the new values: the run is redone in an emptied directory."""
+    sweep, root, argv, records = swept
+    for part in ("results", "runs"):
+        shutil.copytree(root / part, tmp_path / part)
+    argv = [str(tmp_path / "results") if a == str(root / "results") else str(tmp_path / "runs")
+            if a == str(root / "runs") else a for a in argv]  # fmt: skip
+    old = next(r for r in records if r["row"] == "vpt_deep" and r["seed"] == 1)
+    stale = {**old["chosen"], "learning_rate": 0.5}
+    (tmp_path / "results" / "sweep-cpu" / "final" / "vpt_deep-seed1.json").write_text(json.dumps({**old, "chosen": stale}))
+    out = tmp_path / "runs" / "sweep-cpu" / "final" / "vpt_deep-seed1"
+    (out / "chosen.json").write_text(json.dumps(stale))  # the checkpoints there are the stale run's
+    assert any((out / "checkpoints").iterdir())
+    seen = []
+    monkeypatch.setattr(sweep, "run_logged", lambda command, out, what: seen.append(
+        (what, sorted(p.name for p in out.iterdir()), json.loads((out / "chosen.json").read_text()))) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        sweep.main(argv)
+    assert seen == [("vpt_deep seed 1", ["chosen.json"], old["chosen"])]
