@@ -12,16 +12,16 @@ Protocol (issue 17):
 * **The same search for every row**, full fine-tuning and the linear probe included, at ``search_seed``:
   (1) the learning rate (the backbone's for full fine-tuning, the adapter's otherwise) at ``LR_FACTORS`` times
   the row's usual value, ``base_steps`` steps; while the best rate is the highest or lowest tried, one more
-  factor of 3 beyond it (at most ``LR_EXTENSIONS`` times: an optimum at the grid's edge is not an optimum); (2) ``2 x base_steps`` at the best learning rate; (3) where the
-  method has a prompt length (or a rank; FRPT: its cross-entropy weight, 1 or 0), the row's alternative lengths
-  at the best (learning rate, steps).
+  factor of 3 beyond it (at most ``LR_EXTENSIONS`` times: an optimum at the grid's edge is not an optimum);
+  (2) ``2 x base_steps`` at the best learning rate; (3) where the method has a prompt length (or a rank; FRPT:
+  its cross-entropy weight, 1 or 0), the row's alternative lengths at the best (learning rate, steps).
   A stage keeps its incumbent unless a trial beats it on validation ``--select_metric`` (MAP@R by default:
   R@1 on a few hundred validation images moves by whole points between seeds).
 * **Final runs**: each seed trains on the same training classes with the chosen values and evaluates the
   validation classes, then the test classes once. The search seed's final run is the chosen trial's command
   with ``--eval_test true``: training is deterministic, so it resumes from that trial's last checkpoint and
-  only evaluates (the record names the trial; its command re-trains from scratch to the same numbers). The table reports test metrics as mean ± sample std over the
-  seeds, the chosen values and the number of search trials.
+  only evaluates (the record names the trial; its command re-trains from scratch to the same numbers). The table
+  reports test metrics as mean ± sample std over the seeds, the chosen values and the number of search trials.
 
 Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 steps, test and validation capped at 20 images per class (the
 README's benchmark section says why); ``gpu`` = 224 px, 1,000 / 2,000 steps, all images.

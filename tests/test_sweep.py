@@ -174,7 +174,8 @@ def test_frpt_searches_its_cross_entropy_weight_as_a_method_option(monkeypatch, 
         "values": values, "stage": stage, "validation_metrics": {"map@r": 0.5 - values["ce_loss_weight"] / 10}})
     args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
     chosen, trials = sweep.search(args, "frpt")
-    assert [t["values"]["ce_loss_weight"] for t in trials] == [1.0] * 5 + [0.0] and chosen["ce_loss_weight"] == 0.0  # 3 + 1 rate below the edge, 2x steps
+    weights = [t["values"]["ce_loss_weight"] for t in trials]
+    assert weights == [1.0] * 5 + [0.0] and chosen["ce_loss_weight"] == 0.0  # 3 + 1 rate below the edge, 2x steps
     command = sweep.train_command(args, "frpt", chosen, 0, tmp_path, eval_test=False)
     options = json.loads(command[command.index("--method_kwargs") + 1])
     assert options == {"ce_loss_weight": 0.0} and "--ce_loss_weight" not in command
@@ -212,7 +213,8 @@ def test_a_final_record_of_other_values_is_rerun_from_scratch(swept, monkeypatch
             if a == str(root / "runs") else a for a in argv]  # fmt: skip
     old = next(r for r in records if r["row"] == "vpt_deep" and r["seed"] == 1)
     stale = {**old["chosen"], "learning_rate": 0.5}
-    (tmp_path / "results" / "sweep-cpu" / "final" / "vpt_deep-seed1.json").write_text(json.dumps({**old, "chosen": stale}))
+    record = tmp_path / "results" / "sweep-cpu" / "final" / "vpt_deep-seed1.json"
+    record.write_text(json.dumps({**old, "chosen": stale}))
     out = tmp_path / "runs" / "sweep-cpu" / "final" / "vpt_deep-seed1"
     (out / "chosen.json").write_text(json.dumps(stale))  # the checkpoints there are the stale run's
     assert any((out / "checkpoints").iterdir())
