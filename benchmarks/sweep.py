@@ -288,6 +288,9 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
     if path.is_file():
         record = json.loads(path.read_text())
         if record.get("chosen") == chosen:
+            if chosen and record["search_trials"] != trials:  # the search grew and kept its choice
+                record["search_trials"] = trials
+                write_record(path, record)
             return record
         # a record of other values (the search has changed since): never reported under the new choice
         print(f"{name} seed {seed}: record of {record.get('chosen')} replaced (chosen now: {chosen})", flush=True)

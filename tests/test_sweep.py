@@ -141,6 +141,16 @@ def test_finished_work_is_skipped_and_a_missing_record_rerun(swept, monkeypatch)
     assert calls == ["vpt_deep seed 1"]  # only the missing run
 
 
+def test_a_search_that_grows_and_keeps_its_choice_updates_the_trial_count_only(swept, monkeypatch, tmp_path):
+    sweep, root, argv, records = swept
+    path = root / "results" / "sweep-cpu" / "final" / "vpt_deep-seed0.json"
+    monkeypatch.setattr(sweep, "run_logged", lambda command, out, what: 1 / 0)  # nothing may train
+    before = json.loads(path.read_text())
+    after = sweep.final_run(sweep.parse_args(argv), "vpt_deep", 0, before["chosen"], before["search_trials"] + 1)
+    assert after == {**before, "search_trials": before["search_trials"] + 1} == json.loads(path.read_text())
+    path.write_text(json.dumps(before))
+
+
 def test_table_reports_test_metrics_of_the_final_runs_and_the_chosen_values(swept):
     sweep, root, _, records = swept
     table = (root / "results" / "sweep-cpu.md").read_text()
