@@ -9,7 +9,8 @@ Protocol (issue 17):
 
 * **Validation split.** ``val_classes`` (20 %) of the training classes, drawn with ``val_seed``, are held out
   (``examples/train_dml.py --val_classes``); every choice is made on them, never on the test classes.
-* **The same search for every row**, full fine-tuning and the linear probe included, at ``search_seed``:
+* **The same search for every row**, full fine-tuning and the linear probe included, at ``search_seeds`` (seed 0
+  by default; with several, every set of values trains at each and scores the mean, which weighs stability):
   (1) the learning rate (the backbone's for full fine-tuning, the adapter's otherwise) at ``LR_FACTORS`` times
   the row's usual value, ``base_steps`` steps; while the best rate is the highest or lowest tried, one more
   factor of 3 beyond it (at most ``LR_EXTENSIONS`` times: an optimum at the grid's edge is not an optimum);
@@ -18,8 +19,8 @@ Protocol (issue 17):
   A stage keeps its incumbent unless a trial beats it on validation ``--select_metric`` (MAP@R by default:
   R@1 on a few hundred validation images moves by whole points between seeds).
 * **Final runs**: each seed trains on the same training classes with the chosen values and evaluates the
-  validation classes, then the test classes once. The search seed's final run is the chosen trial's command
-  with ``--eval_test true``: training is deterministic, so it resumes from that trial's last checkpoint and
+  validation classes, then the test classes once. A search seed's final run is the chosen trial's command at
+  that seed with ``--eval_test true``: training is deterministic, so it resumes from that trial's last checkpoint and
   only evaluates (the record names the trial; its command re-trains from scratch to the same numbers). The table
   reports test metrics as mean ± sample std over the seeds, the chosen values and the number of search trials.
 
@@ -135,10 +136,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, PRESETS, ["frozen", *SPACES])
     parser.add_argument("--search_seed", type=int, default=0, help="seed of every search trial")
+    parser.add_argument("--search_seeds", type=int, nargs="+",
+                        help="score every trial by its mean over these seeds (default: --search_seed alone); their "
+                        "final runs reuse the chosen trial's training, so only the other --seeds train again")
     parser.add_argument("--select_metric", default="map@r", choices=[key for key, _ in METRICS])
     parser.add_argument("--base_steps", type=int, help="override the preset's (tests, quick looks)")
     parser.add_argument("--search_only", action="store_true", help="stop after choosing the values")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.search_seeds = list(dict.fromkeys(args.search_seeds or [args.search_seed]))
+    args.search_seed = args.search_seeds[0]
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -182,21 +189,30 @@ def trial_name(values: dict) -> str:
     return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
-def run_trial(args, name: str, values: dict, stage: str) -> dict:
-    """One search trial (validation metrics only), or its record when it already ran."""
-    path = Path(args.results_dir) / f"sweep-{args.preset}" / "search" / name / f"{trial_name(values)}.json"
+def trial_stem(args, values: dict, seed: int) -> str:
+    """The trial's record and run directory name: the values, and the seed unless it is the first search seed."""
+    return trial_name(values) + ("" if seed == args.search_seeds[0] else f"-seed{seed}")
+
+
+def run_trial(args, name: str, values: dict, stage: str, seed: int) -> dict:
+    """One search trial at one seed (validation metrics only), or its record when it already ran."""
+    path = Path(args.results_dir) / f"sweep-{args.preset}" / "search" / name / f"{trial_stem(args, values, seed)}.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    out = Path(args.work_dir) / f"sweep-{args.preset}" / "search" / name / trial_name(values)
+        record = json.loads(path.read_text())
+        if record["seed"] != seed:
+            raise SystemExit(f"{path} was trained at seed {record['seed']}, not {seed}: the first --search_seeds "
+                             "must be the one these records were made with (or give another --results_dir)")
+        return record
+    out = Path(args.work_dir) / f"sweep-{args.preset}" / "search" / name / trial_stem(args, values, seed)
     out.mkdir(parents=True, exist_ok=True)
-    command = train_command(args, name, values, args.search_seed, out, eval_test=False)
+    command = train_command(args, name, values, seed, out, eval_test=False)
     start = time.time()
     raw = run_logged(command, out, f"{name} trial {trial_name(values)}")
     record = {
         "row": name,
         "stage": stage,
         "values": values,
-        "seed": args.search_seed,
+        "seed": seed,
         "validation_metrics": raw["validation_metrics"],
         "test_metrics": raw["final_metrics"],  # None: a trial never looks at the test classes
         "train_seconds": raw["train_seconds"],
@@ -204,9 +220,20 @@ def run_trial(args, name: str, values: dict, stage: str) -> dict:
         "command": " ".join(shlex.quote(portable(c)) for c in command),
     }
     write_record(path, record)
-    print(f"  {name} {stage} {trial_name(values)}: validation {args.select_metric} "
+    print(f"  {name} {stage} {trial_name(values)} seed {seed}: validation {args.select_metric} "
           f"{100 * raw['validation_metrics'][args.select_metric]:.2f} ({time.time() - start:.0f} s)", flush=True)
     return record
+
+
+def score_values(args, name: str, values: dict, stage: str) -> dict:
+    """The values' trials at every search seed, as one record: validation metrics averaged over the seeds."""
+    runs = [run_trial(args, name, values, stage, seed) for seed in args.search_seeds]
+    if len(runs) == 1:
+        return runs[0]
+    metrics = {key: statistics.fmean(run["validation_metrics"][key] for run in runs)
+               for key in runs[0]["validation_metrics"]}  # fmt: skip
+    return {"row": name, "stage": stage, "values": values, "seeds": [run["seed"] for run in runs],
+            "validation_metrics": metrics, "train_seconds": sum(run["train_seconds"] for run in runs)}  # fmt: skip
 
 
 def config_defaults(name: str) -> dict:
@@ -238,7 +265,7 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
         scored = [(record, record["validation_metrics"][args.select_metric]) for record in trials
                   if record["values"] == incumbent] if incumbent else []  # fmt: skip
         for values in candidates:
-            record = run_trial(args, name, values, label)
+            record = score_values(args, name, values, label)
             trials.append(record)
             scored.append((record, record["validation_metrics"][args.select_metric]))
         return max(scored, key=lambda pair: pair[1])[0]["values"]  # the first of equals: the incumbent
@@ -263,12 +290,13 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
 # ------------------------------------------------------------------------------------------------ final runs
 
 
-def reuse_search_training(args, name: str, chosen: dict, out: Path) -> dict | None:
-    """Seeds the search seed's final run with the chosen trial's last checkpoint (the same training: the trial's
-    command bar ``--eval_test`` and ``--output_dir``), so that it resumes there and only evaluates. Returns the
-    trial's record, or None when its record or last checkpoint is gone (the final run then trains)."""
-    record = Path(args.results_dir) / f"sweep-{args.preset}" / "search" / name / f"{trial_name(chosen)}.json"
-    last = Path(args.work_dir) / f"sweep-{args.preset}" / "search" / name / trial_name(chosen) / "checkpoints"
+def reuse_search_training(args, name: str, chosen: dict, seed: int, out: Path) -> dict | None:
+    """Seeds a search seed's final run with the chosen trial's last checkpoint at that seed (the same training: the
+    trial's command bar ``--eval_test`` and ``--output_dir``), so that it resumes there and only evaluates. Returns
+    the trial's record, or None when its record or last checkpoint is gone (the final run then trains)."""
+    stem = trial_stem(args, chosen, seed)
+    record = Path(args.results_dir) / f"sweep-{args.preset}" / "search" / name / f"{stem}.json"
+    last = Path(args.work_dir) / f"sweep-{args.preset}" / "search" / name / stem / "checkpoints"
     last = last / f"step_{chosen['steps']}"
     if not (record.is_file() and (last / "trainer_state.json").is_file()):
         return None
@@ -288,9 +316,10 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
     if path.is_file():
         record = json.loads(path.read_text())
         if record.get("chosen") == chosen:
-            if chosen and record["search_trials"] != trials:  # the search grew and kept its choice
-                record["search_trials"] = trials
-                write_record(path, record)
+            search = {"search_trials": trials, "search_seeds": args.search_seeds}
+            if chosen and any(record.get(key) != value for key, value in search.items()):
+                write_record(path, {**record, **search})  # the search grew (or was re-scored) and kept its choice
+                record = {**record, **search}
             return record
         # a record of other values (the search has changed since): never reported under the new choice
         print(f"{name} seed {seed}: record of {record.get('chosen')} replaced (chosen now: {chosen})", flush=True)
@@ -300,7 +329,7 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(chosen))
-    trial = reuse_search_training(args, name, chosen, out) if chosen and seed == args.search_seed else None
+    trial = reuse_search_training(args, name, chosen, seed, out) if chosen and seed in args.search_seeds else None
     start = time.time()
     if chosen is None:  # the frozen backbone: no training, nothing to choose
         command = frozen_command(args, out)
@@ -322,13 +351,14 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         else {**PRESETS[args.preset]},
         "chosen": chosen,
         "search_trials": trials,
+        "search_seeds": args.search_seeds if chosen else None,
         "select_metric": args.select_metric,
         "method": ROWS[name].method,
         "metrics": metrics,
         "validation_metrics": validation,
         "parameters": params,
         "train_seconds": trial["train_seconds"] if trial else train_seconds,
-        "trained_by_trial": trial_name(chosen) if trial else None,
+        "trained_by_trial": trial_stem(args, chosen, seed) if trial else None,
         # what regenerating this run from scratch costs: its wall time, plus the trial's training it reused
         "wall_seconds": round(time.time() - start + (trial["train_seconds"] if trial else 0.0), 1),
         **run_facts(args, command, images, seconds),
@@ -378,6 +408,7 @@ def render_table(records: list[dict], preset: str) -> str:
         cells.append(f"{statistics.median(r['train_seconds'] for r in runs) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     first, settings = records[0], PRESETS[preset]
+    search_seeds = sorted({seed for r in records for seed in r.get("search_seeds") or []})
     notes = [
         f"Preset `{preset}`: {settings['image_size']} px, batch {PROTOCOL['batch_size']} "
         f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
@@ -390,7 +421,9 @@ def render_table(records: list[dict], preset: str) -> str:
         "then 2x steps, then the prompt length).",
         f"Machine: {first['machine']}." + _regeneration_note(records),
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
-        "the seeds. Trials: search runs (at one seed) behind the chosen values.",
+        "the seeds. Trials: the values tried in the search before the choice, each scored at search "
+        f"seed{'s' if len(search_seeds) > 1 else ''} {', '.join(map(str, search_seeds))}"
+        + (" (mean)." if len(search_seeds) > 1 else "."),
     ]
     return "\n".join([*lines, "", *notes]) + "\n"
 
@@ -404,24 +437,32 @@ def _regeneration_note(records: list[dict]) -> str:
 
 
 def render_search_table(trials: list[dict], select_metric: str) -> str:
-    """Markdown: every search trial (validation classes only), row by row in the order they ran; the best trial of
-    each row so far in bold. Readable while the sweep is still running."""
-    head = ["Method", "stage", "values", "val R@1", "val MAP@R", "train min"]
+    """Markdown: every set of values the search tried (validation classes only), row by row in the order they ran,
+    with its validation metrics averaged over the seeds it ran at; the best of each row so far in bold. Readable
+    while the sweep is still running."""
+    head = ["Method", "stage", "values", "seeds", "val R@1", "val MAP@R", "train min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_row: dict[str, list[dict]] = {}
-    for trial in trials:
-        by_row.setdefault(trial["row"], []).append(trial)
-    for name in [n for n in SPACES if n in by_row]:
-        rows = sorted(by_row[name], key=lambda t: t.get("finished", 0))
-        best = max(rows, key=lambda t: t["validation_metrics"][select_metric])
-        for trial in rows:
-            values = _chosen_text({"chosen": trial["values"]})
-            cells = [label(name), trial["stage"], f"**{values}**" if trial is best else values]
-            cells += [f"{100 * trial['validation_metrics'][key]:.2f}" for key in ("recall@1", "map@r")]
-            cells.append(f"{trial['train_seconds'] / 60:.1f}")
+    by_values: dict[tuple, list[dict]] = {}
+    for trial in sorted(trials, key=lambda t: t.get("finished", 0)):
+        by_values.setdefault((trial["row"], trial_name(trial["values"])), []).append(trial)
+
+    def mean(runs, key):
+        return statistics.fmean(run["validation_metrics"][key] for run in runs)
+
+    for name in SPACES:
+        tried = [runs for (row, _), runs in by_values.items() if row == name]
+        if not tried:
+            continue
+        best = max(tried, key=lambda runs: mean(runs, select_metric))
+        for runs in tried:
+            values = _chosen_text({"chosen": runs[0]["values"]})
+            cells = [label(name), runs[0]["stage"], f"**{values}**" if runs is best else values]
+            cells.append(",".join(str(run["seed"]) for run in sorted(runs, key=lambda run: run["seed"])))
+            cells += [f"{100 * mean(runs, key):.2f}" for key in ("recall@1", "map@r")]
+            cells.append(f"{sum(run['train_seconds'] for run in runs) / 60:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
-    note = (f"Search trials at seed {trials[0]['seed']}, validation classes only (the test classes are never "
-            f"evaluated); bold: the best {select_metric} of the row so far. Commands: the JSON records.")
+    note = ("Validation classes only (the test classes are never evaluated); metrics: the mean over the seeds "
+            f"listed; bold: the best {select_metric} of the row so far. Commands: the JSON records.")
     return "\n".join([*lines, "", note]) + "\n"
 
 

@@ -22,7 +22,7 @@ def test_each_stage_keeps_the_best_validation_score_and_ties_keep_the_incumbent(
     sweep = load_sweep()
     scores = {3.33e-4: 0.30, 0.001: 0.50, 0.003: 0.60, 0.009: 0.55}  # lr -> MAP@R; 3e-3 at the edge: 9e-3 tried
 
-    def fake_trial(args, name, values, stage):
+    def fake_trial(args, name, values, stage, seed):
         score = scores[values["learning_rate"]]
         score += 0.05 if values["steps"] == 20 else 0.0  # more steps help
         score += {5: -0.1, 10: 0.0, 30: 0.0}[values.get("num_prompts", 10)]  # 30 ties with the incumbent 10
@@ -37,13 +37,50 @@ def test_each_stage_keeps_the_best_validation_score_and_ties_keep_the_incumbent(
     assert len(probe_trials) == 5 and probe_chosen == {"learning_rate": 0.003, "steps": 20}
 
 
+def test_several_search_seeds_choose_on_the_mean_over_them(monkeypatch, tmp_path):
+    """Seed 0 alone prefers the faster rate (1e-3 over 3.33e-4); seed 1 ruins it: the mean over both prefers
+    3.33e-4. Every value set runs at both seeds, and the trials count value sets."""
+    sweep = load_sweep()
+    scores = {(3.33e-4, 0): 0.50, (3.33e-4, 1): 0.50, (1e-3, 0): 0.60, (1e-3, 1): 0.20, (3e-3, 0): 0.10,
+              (3e-3, 1): 0.10, (1.11e-4, 0): 0.40, (1.11e-4, 1): 0.40}  # fmt: skip
+    seen = []
+
+    def fake_trial(args, name, values, stage, seed):
+        seen.append((values["learning_rate"], values["steps"], seed))
+        score = scores[values["learning_rate"], seed] + (0.01 if values["steps"] == 20 else 0.0)
+        return {"values": values, "stage": stage, "seed": seed, "train_seconds": 1.0,
+                "validation_metrics": {"map@r": score, "recall@1": score}}  # fmt: skip
+
+    monkeypatch.setattr(sweep, "run_trial", fake_trial)
+    single = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
+    assert single.search_seeds == [0] and sweep.search(single, "linear_probe")[0]["learning_rate"] == 1e-3
+    seen.clear()
+    args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path), "--search_seeds", "0", "1"])
+    chosen, trials = sweep.search(args, "linear_probe")
+    assert chosen == {"learning_rate": 3.33e-4, "steps": 20} and len(trials) == 5  # 3 rates, 1 below, 2x steps
+    assert seen == [(v["learning_rate"], v["steps"], seed) for v in (t["values"] for t in trials) for seed in (0, 1)]
+    assert trials[1]["validation_metrics"]["map@r"] == pytest.approx(0.40) and trials[1]["seeds"] == [0, 1]
+
+
+def test_a_trial_record_of_another_seed_is_refused(monkeypatch, tmp_path):
+    sweep = load_sweep()
+    args = sweep.parse_args(["--results_dir", str(tmp_path), "--search_seeds", "3", "0"])
+    values = {"learning_rate": 1e-3, "steps": 50}
+    path = tmp_path / "sweep-cpu" / "search" / "linear_probe" / f"{sweep.trial_name(values)}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed": 0, "values": values}))  # made with --search_seed 0: not seed 3's trial
+    with pytest.raises(SystemExit, match="seed 0, not 3"):
+        sweep.run_trial(args, "linear_probe", values, "learning rate", 3)
+    assert sweep.trial_stem(args, values, 0) == sweep.trial_name(values) + "-seed0"  # seed 0's own record name
+
+
 @pytest.mark.parametrize("name", ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora"])
 def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alternatives(monkeypatch, tmp_path, name):
     """The starting length is the row's fixed-protocol value or, when the row leaves it to the method, the
     config's default (SemanticProxyVPT: num_prompts 10); stage 3 tries the row's alternatives at the best rate."""
     sweep = load_sweep()
     space = sweep.SPACES[name]
-    monkeypatch.setattr(sweep, "run_trial", lambda args, row, values, stage: {
+    monkeypatch.setattr(sweep, "run_trial", lambda args, row, values, stage, seed: {
         "values": values, "stage": stage, "validation_metrics": {"map@r": 0.5}})
     args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
     chosen, trials = sweep.search(args, name)
@@ -65,7 +102,7 @@ def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alte
 def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_four_times(monkeypatch, tmp_path, direction):
     """Scores that keep improving towards one end: the grid grows by 3x per trial, four times, then stops."""
     sweep = load_sweep()
-    monkeypatch.setattr(sweep, "run_trial", lambda args, name, values, stage: {
+    monkeypatch.setattr(sweep, "run_trial", lambda args, name, values, stage, seed: {
         "values": values, "stage": stage, "validation_metrics": {"map@r": direction * values["learning_rate"]}})
     args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
     chosen, trials = sweep.search(args, "linear_probe")
@@ -75,15 +112,13 @@ def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_four_times(monkey
     assert chosen["learning_rate"] == rates[-1]
 
 
-@pytest.fixture(scope="module")
-def swept(workspace, tmp_path_factory):
-    """frozen + VPT-deep (one alternative prompt length) on the tiny backbone: 1-2 steps per trial, two seeds."""
+def run_small_sweep(workspace, root, *extra):
+    """frozen + VPT-deep (one alternative prompt length) on the tiny backbone: 1-2 steps per trial."""
     sweep = load_sweep()
     sweep.PRESETS["cpu"] = {**sweep.PRESETS["cpu"], "image_size": 32, "eval_images_per_class": 5,
                             "eval_batch_size": 16, "num_workers": 0}  # fmt: skip
     sweep.PROTOCOL.update(embedding_dim=16, m_per_class=2, batch_size=4, val_classes=0.5, checkpointing_steps=1)
     sweep.SPACES["vpt_deep"] = sweep.Space(1e-3, length_key="num_prompts", lengths=(5,))
-    root = tmp_path_factory.mktemp("sweep")
     train, evaluate = (load_script(ROOT / "examples" / name) for name in ("train_dml.py", "evaluate.py"))
 
     def in_process(command, out, what):  # the scripts' own entry points, without a fresh interpreter each
@@ -93,10 +128,15 @@ def swept(workspace, tmp_path_factory):
     sweep.run_logged = in_process
     argv = ["--backbone", str(workspace / "backbone"), "--dataset", "imagefolder", "--base_steps", "1",
             "--data_root", str(workspace / "images"), "--no_check_counts", "--results_dir", str(root / "results"),
-            "--work_dir", str(root / "runs"), "--rows", "frozen", "vpt_deep",
-            "--seeds", "0", "1"]  # fmt: skip
+            "--work_dir", str(root / "runs"), "--rows", "frozen", "vpt_deep", *extra]  # fmt: skip
     records = sweep.main(argv)
     return sweep, root, argv, records
+
+
+@pytest.fixture(scope="module")
+def swept(workspace, tmp_path_factory):
+    """The small sweep at two seeds."""
+    return run_small_sweep(workspace, tmp_path_factory.mktemp("sweep"), "--seeds", "0", "1")
 
 
 def load_script(path):
@@ -180,7 +220,7 @@ def test_frpt_searches_its_cross_entropy_weight_as_a_method_option(monkeypatch, 
     """FRPT's third stage turns the classifier's cross-entropy off (the paper trains with CE only, we add
     Proxy-Anchor); the value reaches train_dml.py as a method option, not as a training setting."""
     sweep = load_sweep()
-    monkeypatch.setattr(sweep, "run_trial", lambda args, name, values, stage: {
+    monkeypatch.setattr(sweep, "run_trial", lambda args, name, values, stage, seed: {
         "values": values, "stage": stage, "validation_metrics": {"map@r": 0.5 - values["ce_loss_weight"] / 10}})
     args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
     chosen, trials = sweep.search(args, "frpt")
@@ -234,3 +274,34 @@ def test_a_final_record_of_other_values_is_rerun_from_scratch(swept, monkeypatch
     with pytest.raises(ZeroDivisionError):
         sweep.main(argv)
     assert seen == [("vpt_deep seed 1", ["chosen.json"], old["chosen"])]
+
+
+def test_search_seeds_score_every_trial_at_each_and_their_final_runs_only_evaluate(workspace, tmp_path):
+    sweep, root, _, records = run_small_sweep(workspace, tmp_path, "--seeds", "0", "1", "2", "--search_seeds", "0", "1")
+    finals = {r["seed"]: r for r in records if r["row"] == "vpt_deep"}
+    search = root / "results" / "sweep-cpu" / "search" / "vpt_deep"
+    names = {sweep.trial_name(json.loads(p.read_text())["values"]) for p in search.glob("*.json")}
+    assert sorted(p.stem for p in search.glob("*.json")) == sorted([*names, *(n + "-seed1" for n in names)])
+    trials = {(t["seed"], sweep.trial_name(t["values"])): t for t in map(json.loads, map(Path.read_text,
+                                                                                       search.glob("*.json")))}
+    chosen = finals[0]["chosen"]
+    mean = {n: statistics.fmean(trials[seed, n]["validation_metrics"]["map@r"] for seed in (0, 1)) for n in names}
+    assert mean[sweep.trial_name(chosen)] == max(mean.values())  # chosen on the mean over the search seeds
+    assert all(r["search_trials"] == len(names) and r["search_seeds"] == [0, 1] for r in finals.values())
+    for seed, stem in ((0, sweep.trial_name(chosen)), (1, sweep.trial_name(chosen) + "-seed1")):
+        assert finals[seed]["trained_by_trial"] == stem  # resumed from that seed's trial: evaluation only
+        assert finals[seed]["validation_metrics"] == trials[seed, sweep.trial_name(chosen)]["validation_metrics"]
+    assert finals[2]["trained_by_trial"] is None  # not a search seed: trains
+    runs = root / "runs" / "sweep-cpu"
+    step = f"step_{chosen['steps']}"
+
+    def weights(directory):  # every file of a checkpoint, by name
+        return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+    for seed in (0, 1):  # each search seed's final run holds its own trial's training, not another seed's
+        trained = weights(runs / "search" / "vpt_deep" / finals[seed]["trained_by_trial"] / "checkpoints" / step)
+        assert weights(runs / "final" / f"vpt_deep-seed{seed}" / "checkpoints" / step) == trained
+    assert weights(runs / "final" / "vpt_deep-seed0" / "checkpoints" / step) != trained
+    table = (root / "results" / "sweep-cpu-search.md").read_text()
+    assert sum(line.startswith("| VPT-deep |") and "| 0,1 |" in line for line in table.splitlines()) == len(names)
+    assert "scored at search seeds 0, 1 (mean)" in (root / "results" / "sweep-cpu.md").read_text()
