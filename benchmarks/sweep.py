@@ -144,7 +144,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--search_only", action="store_true", help="stop after choosing the values")
     args = parser.parse_args(argv)
     args.search_seeds = list(dict.fromkeys(args.search_seeds or [args.search_seed]))
-    args.search_seed = args.search_seeds[0]
     return args
 
 
@@ -225,13 +224,17 @@ def run_trial(args, name: str, values: dict, stage: str, seed: int) -> dict:
     return record
 
 
+def mean_validation(runs: list[dict], key: str) -> float:
+    """One validation metric, averaged over trial records of the same values at different seeds."""
+    return statistics.fmean(run["validation_metrics"][key] for run in runs)
+
+
 def score_values(args, name: str, values: dict, stage: str) -> dict:
     """The values' trials at every search seed, as one record: validation metrics averaged over the seeds."""
     runs = [run_trial(args, name, values, stage, seed) for seed in args.search_seeds]
     if len(runs) == 1:
         return runs[0]
-    metrics = {key: statistics.fmean(run["validation_metrics"][key] for run in runs)
-               for key in runs[0]["validation_metrics"]}  # fmt: skip
+    metrics = {key: mean_validation(runs, key) for key in runs[0]["validation_metrics"]}
     return {"row": name, "stage": stage, "values": values, "seeds": [run["seed"] for run in runs],
             "validation_metrics": metrics, "train_seconds": sum(run["train_seconds"] for run in runs)}  # fmt: skip
 
@@ -318,8 +321,8 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         if record.get("chosen") == chosen:
             search = {"search_trials": trials, "search_seeds": args.search_seeds}
             if chosen and any(record.get(key) != value for key, value in search.items()):
-                write_record(path, {**record, **search})  # the search grew (or was re-scored) and kept its choice
-                record = {**record, **search}
+                record.update(search)  # the search grew (or was re-scored) and kept its choice
+                write_record(path, record)
             return record
         # a record of other values (the search has changed since): never reported under the new choice
         print(f"{name} seed {seed}: record of {record.get('chosen')} replaced (chosen now: {chosen})", flush=True)
@@ -446,19 +449,16 @@ def render_search_table(trials: list[dict], select_metric: str) -> str:
     for trial in sorted(trials, key=lambda t: t.get("finished", 0)):
         by_values.setdefault((trial["row"], trial_name(trial["values"])), []).append(trial)
 
-    def mean(runs, key):
-        return statistics.fmean(run["validation_metrics"][key] for run in runs)
-
     for name in SPACES:
         tried = [runs for (row, _), runs in by_values.items() if row == name]
         if not tried:
             continue
-        best = max(tried, key=lambda runs: mean(runs, select_metric))
+        best = max(tried, key=lambda runs: mean_validation(runs, select_metric))
         for runs in tried:
             values = _chosen_text({"chosen": runs[0]["values"]})
             cells = [label(name), runs[0]["stage"], f"**{values}**" if runs is best else values]
             cells.append(",".join(str(run["seed"]) for run in sorted(runs, key=lambda run: run["seed"])))
-            cells += [f"{100 * mean(runs, key):.2f}" for key in ("recall@1", "map@r")]
+            cells += [f"{100 * mean_validation(runs, key):.2f}" for key in ("recall@1", "map@r")]
             cells.append(f"{sum(run['train_seconds'] for run in runs) / 60:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
     note = ("Validation classes only (the test classes are never evaluated); metrics: the mean over the seeds "
