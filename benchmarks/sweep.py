@@ -395,12 +395,13 @@ def render_table(records: list[dict], preset: str) -> str:
     by_row: dict[str, list[dict]] = {}
     for r in records:
         by_row.setdefault(r["row"], []).append(r)
-    head = ["Method", "chosen on validation", "trials", "seeds", *[lab for _, lab in METRICS], "val MAP@R",
-            "trainable", "train min"]  # fmt: skip
+    head = ["Method", "chosen on validation", "trials", "search seeds", "seeds", *[lab for _, lab in METRICS],
+            "val MAP@R", "trainable", "train min"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in [n for n in ["frozen", *SPACES] if n in by_row]:
         runs = sorted(by_row[name], key=lambda r: (r["seed"] is None, r["seed"]))
         cells = [label(name), _chosen_text(runs[0]), str(runs[0]["search_trials"])]
+        cells.append(",".join(map(str, runs[0].get("search_seeds") or [])) or "-")  # rows may differ mid-sweep
         cells.append(",".join("-" if r["seed"] is None else str(r["seed"]) for r in runs))
         for key, _ in METRICS:
             mean, std = mean_std([100 * r["metrics"][key] for r in runs])
@@ -411,7 +412,6 @@ def render_table(records: list[dict], preset: str) -> str:
         cells.append(f"{statistics.median(r['train_seconds'] for r in runs) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     first, settings = records[0], PRESETS[preset]
-    search_seeds = sorted({seed for r in records for seed in r.get("search_seeds") or []})
     notes = [
         f"Preset `{preset}`: {settings['image_size']} px, batch {PROTOCOL['batch_size']} "
         f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
@@ -424,9 +424,8 @@ def render_table(records: list[dict], preset: str) -> str:
         "then 2x steps, then the prompt length).",
         f"Machine: {first['machine']}." + _regeneration_note(records),
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
-        "the seeds. Trials: the values tried in the search before the choice, each scored at search "
-        f"seed{'s' if len(search_seeds) > 1 else ''} {', '.join(map(str, search_seeds))}"
-        + (" (mean)." if len(search_seeds) > 1 else "."),
+        "the seeds. Trials: the sets of values tried in the search before the choice, each scored by its mean "
+        "validation metric over the row's search seeds.",
     ]
     return "\n".join([*lines, "", *notes]) + "\n"
 
@@ -441,8 +440,8 @@ def _regeneration_note(records: list[dict]) -> str:
 
 def render_search_table(trials: list[dict], select_metric: str) -> str:
     """Markdown: every set of values the search tried (validation classes only), row by row in the order they ran,
-    with its validation metrics averaged over the seeds it ran at; the best of each row so far in bold. Readable
-    while the sweep is still running."""
+    with its validation metrics averaged over the seeds it ran at; the best of each row so far (among the sets run
+    at the most seeds) in bold. Readable while the sweep is still running."""
     head = ["Method", "stage", "values", "seeds", "val R@1", "val MAP@R", "train min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_values: dict[tuple, list[dict]] = {}
@@ -453,7 +452,9 @@ def render_search_table(trials: list[dict], select_metric: str) -> str:
         tried = [runs for (row, _), runs in by_values.items() if row == name]
         if not tried:
             continue
-        best = max(tried, key=lambda runs: mean_validation(runs, select_metric))
+        # the search compares values at all of its seeds: a set that ran at fewer (an earlier search's) never leads
+        most = max(len(runs) for runs in tried)
+        best = max((runs for runs in tried if len(runs) == most), key=lambda runs: mean_validation(runs, select_metric))
         for runs in tried:
             values = _chosen_text({"chosen": runs[0]["values"]})
             cells = [label(name), runs[0]["stage"], f"**{values}**" if runs is best else values]

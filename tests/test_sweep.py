@@ -198,8 +198,9 @@ def test_table_reports_test_metrics_of_the_final_runs_and_the_chosen_values(swep
     line = next(line for line in table.splitlines() if line.startswith("| VPT-deep |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     r1 = [100 * r["metrics"]["recall@1"] for r in deep]
-    assert cells[1] == sweep._chosen_text(deep[0]) and cells[2] == str(deep[0]["search_trials"]) and cells[3] == "0,1"
-    assert cells[4] == f"{statistics.fmean(r1):.2f} ± {statistics.stdev(r1):.2f}"
+    assert cells[1] == sweep._chosen_text(deep[0]) and cells[2] == str(deep[0]["search_trials"])
+    assert cells[3] == "0" and cells[4] == "0,1"  # search seeds, final seeds
+    assert cells[5] == f"{statistics.fmean(r1):.2f} ± {statistics.stdev(r1):.2f}"
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:4]] == ["Frozen backbone", "VPT-deep"]
 
 
@@ -304,4 +305,24 @@ def test_search_seeds_score_every_trial_at_each_and_their_final_runs_only_evalua
     assert weights(runs / "final" / "vpt_deep-seed0" / "checkpoints" / step) != trained
     table = (root / "results" / "sweep-cpu-search.md").read_text()
     assert sum(line.startswith("| VPT-deep |") and "| 0,1 |" in line for line in table.splitlines()) == len(names)
-    assert "scored at search seeds 0, 1 (mean)" in (root / "results" / "sweep-cpu.md").read_text()
+    line = next(line for line in (root / "results" / "sweep-cpu.md").read_text().splitlines()
+                if line.startswith("| VPT-deep |"))  # fmt: skip
+    assert line.split("|")[4].strip() == "0,1"  # the row's search seeds
+
+
+def test_search_list_bolds_only_values_run_at_the_rows_full_set_of_search_seeds(tmp_path):
+    """Mid-sweep, values of an earlier one-seed search sit beside a three-seed search's; the search only compares
+    values at all of its seeds, so a one-seed score (however high) is never shown as the row's best."""
+    sweep = load_sweep()
+
+    def trial(lr, seed, score):
+        return {"row": "bitfit", "stage": "learning rate", "values": {"backbone_lr": lr, "steps": 50}, "seed": seed,
+                "validation_metrics": {"recall@1": score, "map@r": score}, "train_seconds": 60.0, "finished": seed}
+
+    trials = [trial(0.009, 0, 0.99), *(trial(0.001, k, 0.5 + k / 10) for k in range(3)),
+              *(trial(0.003, k, 0.7) for k in range(3))]  # fmt: skip
+    lines = [line for line in sweep.render_search_table(trials, "map@r").splitlines() if line.startswith("| BitFit")]
+    assert len(lines) == 3
+    bold = [line for line in lines if "**" in line]
+    assert len(bold) == 1 and "backbone lr 0.003" in bold[0] and "| 0,1,2 | 70.00 | 70.00 |" in bold[0]
+    assert any("backbone lr 0.001" in line and "| 0,1,2 | 60.00 | 60.00 |" in line for line in lines)  # the mean
