@@ -310,7 +310,7 @@ def test_search_seeds_score_every_trial_at_each_and_their_final_runs_only_evalua
     assert line.split("|")[4].strip() == "0,1"  # the row's search seeds
 
 
-def test_search_list_bolds_only_values_run_at_the_rows_full_set_of_search_seeds(tmp_path):
+def test_search_list_bolds_only_values_run_at_the_rows_full_set_of_search_seeds():
     """Mid-sweep, values of an earlier one-seed search sit beside a three-seed search's; the search only compares
     values at all of its seeds, so a one-seed score (however high) is never shown as the row's best."""
     sweep = load_sweep()
