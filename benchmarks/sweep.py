@@ -14,7 +14,9 @@ Protocol (issue 17):
   (1) the learning rate (the backbone's for full fine-tuning, the adapter's otherwise) at ``LR_FACTORS`` times
   the row's usual value, ``base_steps`` steps; while the best rate is the highest or lowest tried, one more
   factor of 3 beyond it (at most ``LR_EXTENSIONS`` times: an optimum at the grid's edge is not an optimum);
-  (2) ``2 x base_steps`` at the best learning rate; (3) where the method has a prompt length (or a rank; FRPT:
+  (2) ``2 x base_steps`` at the best learning rate, doubled again while the longest budget tried wins (at most
+  ``STEP_EXTENSIONS`` times: a budget at the edge of the grid may be too short, as a rate at its edge may be
+  off); (3) where the method has a prompt length (or a rank; FRPT:
   its cross-entropy weight, 1 or 0), the row's alternative lengths at the best (learning rate, steps).
   A stage keeps its incumbent unless a trial beats it on validation ``--select_metric`` (MAP@R by default:
   R@1 on a few hundred validation images moves by whole points between seeds).
@@ -103,6 +105,9 @@ PROTOCOL = {
 LR_FACTORS = (1 / 3, 1.0, 3.0)
 # the grid may grow to 1/81 or 81 times the usual rate; at 2 (27 times) VPT-shallow's best rate was still the cap
 LR_EXTENSIONS = 4
+# steps may grow to 4 x base_steps (CPU: 200); each doubling doubles a row's training time, and the time budget of
+# the preset (the whole table in about 2.5 h of 2 cores) allows no more
+STEP_EXTENSIONS = 1
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,13 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
             break
         rates.append(rounded(rate * 3 if rate == max(rates) else rate / 3))
         best = stage("learning rate", [{**best, space.lr_key: rates[-1]}], best)
-    best = stage("steps", [{**best, "steps": 2 * steps}], best)
+    budgets = [steps, 2 * steps]
+    best = stage("steps", [{**best, "steps": budgets[-1]}], best)
+    for _ in range(STEP_EXTENSIONS):
+        if best["steps"] != budgets[-1]:
+            break
+        budgets.append(2 * budgets[-1])
+        best = stage("steps", [{**best, "steps": budgets[-1]}], best)
     if space.length_key:
         best = stage("length", [{**best, space.length_key: length} for length in space.lengths], best)
     return best, trials
@@ -390,17 +401,32 @@ def _chosen_text(record: dict) -> str:
                      for k, v in chosen.items())  # fmt: skip
 
 
-def render_table(records: list[dict], preset: str) -> str:
-    """Markdown: one line per row, test metrics in percent as mean ± std over the seeds, the chosen values."""
+def steps_tried(trials: list[dict], records: list[dict]) -> dict[str, list[int]]:
+    """Row -> the step budgets its search tried at every one of its final runs' search seeds."""
+    seeds = {r["row"]: set(r.get("search_seeds") or []) for r in records}
+    runs: dict[tuple, set] = {}
+    for trial in trials:
+        runs.setdefault((trial["row"], trial_name(trial["values"]), trial["values"]["steps"]), set()).add(trial["seed"])
+    tried: dict[str, set] = {}
+    for (row, _, steps), ran in runs.items():
+        if seeds.get(row) and seeds[row] <= ran:
+            tried.setdefault(row, set()).add(steps)
+    return {row: sorted(steps) for row, steps in tried.items()}
+
+
+def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] | None = None) -> str:
+    """Markdown: one line per row, test metrics in percent as mean ± std over the seeds, the chosen values and
+    (``tried``: row -> budgets, from ``steps_tried``) the step budgets its search tried."""
     by_row: dict[str, list[dict]] = {}
     for r in records:
         by_row.setdefault(r["row"], []).append(r)
-    head = ["Method", "chosen on validation", "trials", "search seeds", "seeds", *[lab for _, lab in METRICS],
+    head = ["Method", "chosen on validation", "trials", "steps tried", "search seeds", "seeds", *[lab for _, lab in METRICS],
             "val MAP@R", "trainable", "train min"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in [n for n in ["frozen", *SPACES] if n in by_row]:
         runs = sorted(by_row[name], key=lambda r: (r["seed"] is None, r["seed"]))
         cells = [label(name), _chosen_text(runs[0]), str(runs[0]["search_trials"])]
+        cells.append(",".join(map(str, (tried or {}).get(name, []))) or "-")
         cells.append(",".join(map(str, runs[0].get("search_seeds") or [])) or "-")  # rows may differ mid-sweep
         cells.append(",".join("-" if r["seed"] is None else str(r["seed"]) for r in runs))
         for key, _ in METRICS:
@@ -421,7 +447,7 @@ def render_table(records: list[dict], preset: str) -> str:
            if settings["eval_images_per_class"] else "")  # fmt: skip
         + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. Values chosen on validation "
         f"{first['select_metric']} (learning rate x {{1/3, 1, 3}}, extended by 3x while the best is at an edge, "
-        "then 2x steps, then the prompt length).",
+        "then 2x steps, doubled again while the longest wins (steps tried: the budgets run), then the prompt length).",
         f"Machine: {first['machine']}." + _regeneration_note(records),
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
         "the seeds. Trials: the sets of values tried in the search before the choice, each scored by its mean "
@@ -467,12 +493,14 @@ def render_search_table(trials: list[dict], select_metric: str) -> str:
     return "\n".join([*lines, "", note]) + "\n"
 
 
-def rebuild_search_table(args) -> None:
+def rebuild_search_table(args) -> list[dict]:
+    """Writes ``sweep-<preset>-search.md``; returns the trial records."""
     base = Path(args.results_dir) / f"sweep-{args.preset}"
     trials = [json.loads(p.read_text()) for p in sorted((base / "search").glob("*/*.json"))]
     if trials:
         text = render_search_table(trials, args.select_metric)
         (Path(args.results_dir) / f"sweep-{args.preset}-search.md").write_text(text)
+    return trials
 
 
 def main(argv=None) -> list[dict]:
@@ -489,8 +517,12 @@ def main(argv=None) -> list[dict]:
         for seed in [] if args.search_only else args.seeds:
             for name, (values, trials) in chosen.items():
                 final_run(args, name, seed, values, len(trials))
-    rebuild_search_table(args)
-    return rebuild_table(base / "final", render_table, Path(args.results_dir) / f"sweep-{args.preset}.md", args.preset)
+    trials = rebuild_search_table(args)
+
+    def render(records: list[dict], preset: str) -> str:
+        return render_table(records, preset, steps_tried(trials, records))
+
+    return rebuild_table(base / "final", render, Path(args.results_dir) / f"sweep-{args.preset}.md", args.preset)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def test_each_stage_keeps_the_best_validation_score_and_ties_keep_the_incumbent(
 
     def fake_trial(args, name, values, stage, seed):
         score = scores[values["learning_rate"]]
-        score += 0.05 if values["steps"] == 20 else 0.0  # more steps help
+        score += {10: 0.0, 20: 0.05, 40: 0.04}[values["steps"]]  # 20 steps help; 40 (tried: 20 at the edge) don't
         score += {5: -0.1, 10: 0.0, 30: 0.0}[values.get("num_prompts", 10)]  # 30 ties with the incumbent 10
         return {"values": values, "validation_metrics": {"map@r": score}, "test_metrics": None, "stage": stage}
 
@@ -32,9 +32,29 @@ def test_each_stage_keeps_the_best_validation_score_and_ties_keep_the_incumbent(
     args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
     chosen, trials = sweep.search(args, "vpt_deep")
     assert chosen == {"learning_rate": 0.003, "steps": 20, "num_prompts": 10}
-    assert [t["stage"] for t in trials] == ["learning rate"] * 4 + ["steps"] + ["length"] * 2
+    assert [t["stage"] for t in trials] == ["learning rate"] * 4 + ["steps"] * 2 + ["length"] * 2
+    assert [t["values"]["steps"] for t in trials if t["stage"] == "steps"] == [20, 40]
     probe_chosen, probe_trials = sweep.search(args, "linear_probe")  # no prompt length: no third stage
-    assert len(probe_trials) == 5 and probe_chosen == {"learning_rate": 0.003, "steps": 20}
+    assert len(probe_trials) == 6 and probe_chosen == {"learning_rate": 0.003, "steps": 20}
+
+
+@pytest.mark.parametrize("longest_wins", [True, False])
+def test_a_best_budget_at_the_grid_edge_doubles_the_steps_at_most_step_extensions_times(monkeypatch, tmp_path,
+                                                                                         longest_wins):
+    """Scores that keep improving with steps: 2x, then 4x the base budget, then the search stops (the preset's
+    time budget); when the doubled budget loses, no longer one is tried."""
+    sweep = load_sweep()
+
+    def fake_trial(args, name, values, stage, seed):
+        gain = values["steps"] if longest_wins else -values["steps"]
+        return {"values": values, "stage": stage, "validation_metrics": {"map@r": values["learning_rate"] + gain}}
+
+    monkeypatch.setattr(sweep, "run_trial", fake_trial)
+    args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
+    chosen, trials = sweep.search(args, "linear_probe")
+    budgets = [t["values"]["steps"] for t in trials if t["stage"] == "steps"]
+    assert sweep.STEP_EXTENSIONS == 1
+    assert budgets == ([20, 40] if longest_wins else [20]) and chosen["steps"] == (40 if longest_wins else 10)
 
 
 def test_several_search_seeds_choose_on_the_mean_over_them(monkeypatch, tmp_path):
@@ -57,7 +77,8 @@ def test_several_search_seeds_choose_on_the_mean_over_them(monkeypatch, tmp_path
     seen.clear()
     args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path), "--search_seeds", "0", "1"])
     chosen, trials = sweep.search(args, "linear_probe")
-    assert chosen == {"learning_rate": 3.33e-4, "steps": 20} and len(trials) == 5  # 3 rates, 1 below, 2x steps
+    # 3 rates, 1 below, 2x steps (which wins), 4x steps (which does not)
+    assert chosen == {"learning_rate": 3.33e-4, "steps": 20} and len(trials) == 6
     assert seen == [(v["learning_rate"], v["steps"], seed) for v in (t["values"] for t in trials) for seed in (0, 1)]
     assert trials[1]["validation_metrics"]["map@r"] == pytest.approx(0.40) and trials[1]["seeds"] == [0, 1]
 
@@ -152,7 +173,7 @@ def test_trials_see_validation_classes_only_and_the_choice_is_their_best(swept):
     for row in ("vpt_deep",):
         trials = search_records(root, row)
         count = len(trials)
-        assert 5 <= count <= 9  # 3 rates (+ up to 4 beyond the edge), 2x steps, 1 alternative length
+        assert 5 <= count <= 10  # 3 rates (+ up to 4 beyond the edge), 2x (+ 4x) steps, 1 alternative length
         assert all(t["test_metrics"] is None and "--eval_test false" in t["command"] for t in trials)
         finals = [r for r in records if r["row"] == row]
         assert len(finals) == 2 and all(r["search_trials"] == count for r in finals)
@@ -199,8 +220,10 @@ def test_table_reports_test_metrics_of_the_final_runs_and_the_chosen_values(swep
     cells = [c.strip() for c in line.strip("|").split("|")]
     r1 = [100 * r["metrics"]["recall@1"] for r in deep]
     assert cells[1] == sweep._chosen_text(deep[0]) and cells[2] == str(deep[0]["search_trials"])
-    assert cells[3] == "0" and cells[4] == "0,1"  # search seeds, final seeds
-    assert cells[5] == f"{statistics.fmean(r1):.2f} ± {statistics.stdev(r1):.2f}"
+    budgets = sorted({t["values"]["steps"] for t in search_records(root, "vpt_deep")})
+    assert cells[3] == ",".join(map(str, budgets)) and budgets[:2] == [1, 2]  # steps tried: base, 2x (, 4x)
+    assert cells[4] == "0" and cells[5] == "0,1"  # search seeds, final seeds
+    assert cells[6] == f"{statistics.fmean(r1):.2f} ± {statistics.stdev(r1):.2f}"
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:4]] == ["Frozen backbone", "VPT-deep"]
 
 
@@ -307,7 +330,7 @@ def test_search_seeds_score_every_trial_at_each_and_their_final_runs_only_evalua
     assert sum(line.startswith("| VPT-deep |") and "| 0,1 |" in line for line in table.splitlines()) == len(names)
     line = next(line for line in (root / "results" / "sweep-cpu.md").read_text().splitlines()
                 if line.startswith("| VPT-deep |"))  # fmt: skip
-    assert line.split("|")[4].strip() == "0,1"  # the row's search seeds
+    assert line.split("|")[5].strip() == "0,1"  # the row's search seeds
 
 
 def test_search_list_bolds_only_values_run_at_the_rows_full_set_of_search_seeds():
@@ -326,3 +349,23 @@ def test_search_list_bolds_only_values_run_at_the_rows_full_set_of_search_seeds(
     bold = [line for line in lines if "**" in line]
     assert len(bold) == 1 and "backbone lr 0.003" in bold[0] and "| 0,1,2 | 70.00 | 70.00 |" in bold[0]
     assert any("backbone lr 0.001" in line and "| 0,1,2 | 60.00 | 60.00 |" in line for line in lines)  # the mean
+
+
+def test_steps_tried_counts_only_budgets_run_at_every_search_seed_of_the_row():
+    """A budget still running (seed 0 of 0-2 done) is not yet tried; a row without search records shows none."""
+    sweep = load_sweep()
+
+    def trial(steps, seed, lr=1e-3):
+        return {"row": "lora", "values": {"backbone_lr": lr, "steps": steps}, "seed": seed}
+
+    trials = [trial(50, s) for s in (0, 1, 2)] + [trial(100, s, 3e-3) for s in (0, 1, 2)] + [trial(200, 0)]
+    records = [{"row": "lora", "search_seeds": [0, 1, 2]}, {"row": "bitfit", "search_seeds": [0]}]
+    assert sweep.steps_tried(trials, records) == {"lora": [50, 100]}
+    assert sweep.steps_tried(trials + [trial(200, 1), trial(200, 2)], records) == {"lora": [50, 100, 200]}
+    table = sweep.render_table([{**r, "seed": 0, "chosen": {"steps": 50}, "search_trials": 3, "label": r["row"],
+                                 "metrics": {k: 0.5 for k, _ in sweep.METRICS}, "validation_metrics": None,
+                                 "parameters": {"trainable": 1}, "train_seconds": 60.0, "select_metric": "map@r",
+                                 "backbone": "b", "dataset": "d", "machine": "m"} for r in records],
+                               "cpu", sweep.steps_tried(trials, records))
+    cells = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in table.splitlines()[2:4]}
+    assert cells == {"LoRA": "50,100", "BitFit": "-"}
