@@ -29,6 +29,8 @@ Protocol (issue 17):
 Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 steps, test and validation capped at 20 images per class (the
 README's benchmark section says why); ``gpu`` = 224 px, 1,000 / 2,000 steps, all images.
 
+``--jobs N`` runs N trials of a search stage side by side (its values x its search seeds are independent).
+
 Order: every row's search first (the chosen values are known early), then the final runs seed by seed (a
 complete one-seed table comes first).
 
@@ -49,6 +51,7 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +150,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--select_metric", default="map@r", choices=[key for key, _ in METRICS])
     parser.add_argument("--base_steps", type=int, help="override the preset's (tests, quick looks)")
     parser.add_argument("--search_only", action="store_true", help="stop after choosing the values")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trials of a search stage run side by side, each in its own process (on 2 cores: "
+                        "--jobs 2 with OMP_NUM_THREADS=1)")
     args = parser.parse_args(argv)
     args.search_seeds = list(dict.fromkeys(args.search_seeds or [args.search_seed]))
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     return args
 
 
@@ -234,14 +242,28 @@ def mean_validation(runs: list[dict], key: str) -> float:
     return statistics.fmean(run["validation_metrics"][key] for run in runs)
 
 
-def score_values(args, name: str, values: dict, stage: str) -> dict:
-    """The values' trials at every search seed, as one record: validation metrics averaged over the seeds."""
-    runs = [run_trial(args, name, values, stage, seed) for seed in args.search_seeds]
-    if len(runs) == 1:
-        return runs[0]
-    metrics = {key: mean_validation(runs, key) for key in runs[0]["validation_metrics"]}
-    return {"row": name, "stage": stage, "values": values, "seeds": [run["seed"] for run in runs],
-            "validation_metrics": metrics, "train_seconds": sum(run["train_seconds"] for run in runs)}  # fmt: skip
+def score_candidates(args, name: str, candidates: list[dict], stage: str) -> list[dict]:
+    """Each set of values' trials at every search seed, as one record per set: validation metrics averaged over the
+    seeds. The stage's trials are independent, so ``--jobs`` of them run side by side."""
+    pairs = [(values, seed) for values in candidates for seed in args.search_seeds]
+
+    def trial(pair):
+        return run_trial(args, name, pair[0], stage, pair[1])
+
+    if args.jobs > 1:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the training processes
+            runs = list(pool.map(trial, pairs))
+    else:
+        runs = list(map(trial, pairs))
+    records, per = [], len(args.search_seeds)
+    for values, group in zip(candidates, (runs[i : i + per] for i in range(0, len(runs), per))):
+        if per == 1:
+            records.append(group[0])
+            continue
+        metrics = {key: mean_validation(group, key) for key in group[0]["validation_metrics"]}
+        records.append({"row": name, "stage": stage, "values": values, "seeds": [run["seed"] for run in group],
+                        "validation_metrics": metrics, "train_seconds": sum(run["train_seconds"] for run in group)})  # fmt: skip
+    return records
 
 
 def config_defaults(name: str) -> dict:
@@ -272,8 +294,7 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
     def stage(label: str, candidates: list[dict], incumbent: dict | None) -> dict:
         scored = [(record, record["validation_metrics"][args.select_metric]) for record in trials
                   if record["values"] == incumbent] if incumbent else []  # fmt: skip
-        for values in candidates:
-            record = score_values(args, name, values, label)
+        for record in score_candidates(args, name, candidates, label):
             trials.append(record)
             scored.append((record, record["validation_metrics"][args.select_metric]))
         return max(scored, key=lambda pair: pair[1])[0]["values"]  # the first of equals: the incumbent

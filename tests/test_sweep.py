@@ -83,6 +83,30 @@ def test_several_search_seeds_choose_on_the_mean_over_them(monkeypatch, tmp_path
     assert trials[1]["validation_metrics"]["map@r"] == pytest.approx(0.40) and trials[1]["seeds"] == [0, 1]
 
 
+def test_jobs_run_a_stages_trials_side_by_side_and_choose_as_one_job_does(monkeypatch, tmp_path):
+    """With --jobs 2 two trials must be in flight at once (a barrier of two would time out otherwise); the
+    choice, the records and their order equal the one-job search's."""
+    import threading
+
+    sweep = load_sweep()
+    barrier = threading.Barrier(2, timeout=10)
+
+    def fake_trial(args, name, values, stage, seed):
+        if args.jobs == 2:
+            barrier.wait()
+        score = values["learning_rate"] * (1 + seed) + (0.01 if values["steps"] == 20 else 0.0)
+        return {"values": values, "stage": stage, "seed": seed, "train_seconds": 1.0,
+                "validation_metrics": {"map@r": score, "recall@1": score}}  # fmt: skip
+
+    monkeypatch.setattr(sweep, "run_trial", fake_trial)
+    common = ["--base_steps", "10", "--results_dir", str(tmp_path), "--search_seeds", "0", "1"]
+    one = sweep.search(sweep.parse_args(common), "linear_probe")
+    two = sweep.search(sweep.parse_args([*common, "--jobs", "2"]), "linear_probe")
+    assert two == one and one[0]["learning_rate"] == 0.243  # every trial paired: the barrier never broke
+    with pytest.raises(SystemExit):
+        sweep.parse_args([*common, "--jobs", "0"])
+
+
 def test_a_trial_record_of_another_seed_is_refused(monkeypatch, tmp_path):
     sweep = load_sweep()
     args = sweep.parse_args(["--results_dir", str(tmp_path), "--search_seeds", "3", "0"])
