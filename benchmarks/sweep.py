@@ -108,8 +108,8 @@ PROTOCOL = {
 LR_FACTORS = (1 / 3, 1.0, 3.0)
 # the grid may grow to 1/81 or 81 times the usual rate; at 2 (27 times) VPT-shallow's best rate was still the cap
 LR_EXTENSIONS = 4
-# steps may grow to 4 x base_steps (CPU: 200); each doubling doubles a row's training time, and the time budget of
-# the preset (the whole table in about 2.5 h of 2 cores) allows no more
+# steps may grow to 4 x base_steps (CPU: 200): each doubling doubles a row's training time, and this cap keeps the
+# CPU table's final runs within twice their time at 2 x base_steps
 STEP_EXTENSIONS = 1
 
 
