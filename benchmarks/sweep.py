@@ -26,8 +26,8 @@ Protocol (issue 17):
   only evaluates (the record names the trial; its command re-trains from scratch to the same numbers). The table
   reports test metrics as mean ± sample std over the seeds, the chosen values and the number of search trials.
 
-Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 steps, test and validation capped at 20 images per class (the
-README's benchmark section says why); ``gpu`` = 224 px, 1,000 / 2,000 steps, all images.
+Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 / 200 steps, test and validation capped at 20 images per class
+(the README's benchmark section says why); ``gpu`` = 224 px, 1,000 / 2,000 / 4,000 steps, all images.
 
 ``--jobs N`` runs N trials of a search stage side by side (its values x its search seeds are independent).
 
@@ -76,7 +76,7 @@ from retrieval import (  # noqa: E402
 PRESETS = {
     "cpu": {
         "image_size": 112,
-        "base_steps": 50,  # 50 / 100 steps: the final runs of all rows x 3 seeds fit about 2.5 h of 2 cores
+        "base_steps": 50,  # 50 / 100 steps: all rows x 3 seeds fit about 2.5 h of 2 cores (200 doubles a row's time)
         "eval_images_per_class": 20,
         "eval_batch_size": 64,
         "num_workers": 2,
