@@ -29,7 +29,12 @@ Protocol (issue 17):
 Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 / 200 steps, test and validation capped at 20 images per class
 (the README's benchmark section says why); ``gpu`` = 224 px, 1,000 / 2,000 / 4,000 steps, all images.
 
-``--jobs N`` runs N trials of a search stage side by side (its values x its search seeds are independent).
+``--jobs N`` runs N trials of a search stage side by side (its values x its search seeds are independent), and N
+final runs side by side.
+
+``--transfer_from cpu`` (the GPU lease: a search at 224 px does not fit 15 minutes of a GPU) skips the search: every
+row takes the values that ``cpu``'s search chose on validation (read from its final records; the learning rate and
+prompt length) and trains ``--steps`` steps; the records and the table say where the values came from.
 
 Order: every row's search first (the chosen values are known early), then the final runs seed by seed (a
 complete one-seed table comes first).
@@ -87,8 +92,9 @@ PRESETS = {
         "base_steps": 1000,
         "eval_images_per_class": None,
         "eval_batch_size": 256,
-        "num_workers": 8,
+        "num_workers": 2,  # six runs side by side (--jobs 6) on a 16-core GPU machine: one small ViT leaves it idle
         "mixed_precision": "bf16",
+        "checkpointing_steps": 250,  # a full fine-tuning checkpoint is 0.3 GB: every 50 steps costs a run's time
     },
 }
 # The same for every row and every trial (fixed before any run of the sweep).
@@ -151,12 +157,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base_steps", type=int, help="override the preset's (tests, quick looks)")
     parser.add_argument("--search_only", action="store_true", help="stop after choosing the values")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="trials of a search stage run side by side, each in its own process (on 2 cores: "
-                        "--jobs 2 with OMP_NUM_THREADS=1)")
+                        help="trials of a search stage (and final runs) run side by side, each in its own process "
+                        "(on 2 cores: --jobs 2 with OMP_NUM_THREADS=1)")
+    parser.add_argument("--transfer_from", choices=sorted(PRESETS),
+                        help="no search: take the values this preset's search chose (its final records under "
+                        "--results_dir) and train --steps steps")
+    parser.add_argument("--steps", type=int, help="with --transfer_from: every final run's step budget (default: "
+                        "the preset's base_steps)")
     args = parser.parse_args(argv)
     args.search_seeds = list(dict.fromkeys(args.search_seeds or [args.search_seed]))
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.transfer_from == args.preset:
+        parser.error("--transfer_from must name another preset than --preset")
+    if args.steps is not None and not args.transfer_from:
+        parser.error("--steps goes with --transfer_from (a search chooses its own budget)")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
     return args
 
 
@@ -345,13 +362,33 @@ def reuse_search_training(args, name: str, chosen: dict, seed: int, out: Path) -
 
 
 
-def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: int) -> dict:
+def transferred(args, name: str) -> tuple[dict, dict]:
+    """``--transfer_from``: the values ``args.transfer_from``'s search chose for row ``name`` (from its final
+    records), with ``args.steps`` steps; and where they came from (preset, chosen values, its search's size)."""
+    source = Path(args.results_dir) / f"sweep-{args.transfer_from}" / "final"
+    records = [json.loads(path.read_text()) for path in sorted(source.glob(f"{name}-seed*.json"))]
+    if not records:
+        raise SystemExit(f"{name}: no final record under {source} to take the chosen values from (run the "
+                         f"{args.transfer_from} sweep of this row first, or point --results_dir at its records)")
+    if any(record["chosen"] != records[0]["chosen"] for record in records):
+        raise SystemExit(f"{name}: the final records under {source} disagree on the chosen values")
+    chosen = records[0]["chosen"]
+    origin = {"preset": args.transfer_from, "chosen": chosen, "search_trials": records[0]["search_trials"],
+              "search_seeds": records[0]["search_seeds"]}  # fmt: skip
+    return {**chosen, "steps": args.steps or PRESETS[args.preset]["base_steps"]}, origin
+
+
+def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: int,
+              origin: dict | None = None) -> dict:
+    """Row ``name``'s final run at ``seed`` with the ``chosen`` values (None: the frozen backbone), or its record
+    when it already ran with them. ``origin``: the other preset's search that chose them (``transferred``)."""
     path = Path(args.results_dir) / f"sweep-{args.preset}" / "final" / (f"{name}-seed{seed}" if chosen else name)
     path = path.with_suffix(".json")
+    search_seeds = origin["search_seeds"] if origin else args.search_seeds
     if path.is_file():
         record = json.loads(path.read_text())
         if record.get("chosen") == chosen:
-            search = {"search_trials": trials, "search_seeds": args.search_seeds}
+            search = {"search_trials": trials, "search_seeds": search_seeds}
             if chosen and any(record.get(key) != value for key, value in search.items()):
                 record.update(search)  # the search grew (or was re-scored) and kept its choice
                 write_record(path, record)
@@ -364,7 +401,8 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(chosen))
-    trial = reuse_search_training(args, name, chosen, seed, out) if chosen and seed in args.search_seeds else None
+    reuse = chosen and not origin and seed in args.search_seeds  # a transferred choice has no trial here
+    trial = reuse_search_training(args, name, chosen, seed, out) if reuse else None
     start = time.time()
     if chosen is None:  # the frozen backbone: no training, nothing to choose
         command = frozen_command(args, out)
@@ -381,12 +419,14 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
         "label": label(name),
         "seed": seed,
         "preset": args.preset,
-        "settings": {**PRESETS[args.preset], **PROTOCOL, **ROWS[name].train_args}
+        # in the command's order: the preset's settings override the protocol's
+        "settings": {**PROTOCOL, **PRESETS[args.preset], **ROWS[name].train_args}
         if name in SPACES
         else {**PRESETS[args.preset]},
         "chosen": chosen,
+        "values_from": origin,
         "search_trials": trials,
-        "search_seeds": args.search_seeds if chosen else None,
+        "search_seeds": search_seeds if chosen else None,
         "select_metric": args.select_metric,
         "method": ROWS[name].method,
         "metrics": metrics,
@@ -402,6 +442,23 @@ def final_run(args, name: str, seed: int | None, chosen: dict | None, trials: in
     print(f"{name} seed {seed}: test R@1 {100 * metrics['recall@1']:.2f} MAP@R {100 * metrics['map@r']:.2f}",
           flush=True)
     return record
+
+
+def run_final_jobs(args, jobs: list[tuple]) -> None:
+    """``final_run(args, *job)`` for every job, ``--jobs`` at a time, in order (seed by seed: a complete one-seed
+    table comes first). A failed run does not stop the others; the failures are listed at the end."""
+    def attempt(job):
+        try:
+            final_run(args, *job)
+        except Exception as error:  # noqa: BLE001 - one crashed run (its log says why) must not lose the others
+            print(f"{job[0]} seed {job[1]}: FAILED: {error}", flush=True)
+            return f"{job[0]} seed {job[1]}: {error}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the training processes
+        failures = [failure for failure in pool.map(attempt, jobs) if failure]
+    if failures:
+        raise SystemExit("final runs failed:\n" + "\n".join(failures))
 
 
 def label(name: str) -> str:
@@ -459,6 +516,16 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
         cells.append(f"{statistics.median(r['train_seconds'] for r in runs) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     first, settings = records[0], PRESETS[preset]
+    origin = next((r["values_from"] for r in records if r.get("values_from")), None)
+    if origin:
+        steps = sorted({r["chosen"]["steps"] for r in records if r.get("chosen")})
+        how = (f"Values (learning rate, prompt length) chosen on validation by the `{origin['preset']}` preset's "
+               f"search (trials: its count), trained {'/'.join(map(str, steps))} steps here instead of the "
+               f"budget that search chose.")
+    else:
+        how = (f"Values chosen on validation {first['select_metric']} (learning rate x {{1/3, 1, 3}}, extended by 3x "
+               "while the best is at an edge, then 2x steps, doubled again while the longest wins (steps tried: the "
+               "budgets run), then the prompt length).")
     notes = [
         f"Preset `{preset}`: {settings['image_size']} px, batch {PROTOCOL['batch_size']} "
         f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
@@ -466,9 +533,7 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
         f"{int(100 * PROTOCOL['val_classes'])} % of the training classes held out for validation"
         + (f", at most {settings['eval_images_per_class']} images per class evaluated"
            if settings["eval_images_per_class"] else "")  # fmt: skip
-        + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. Values chosen on validation "
-        f"{first['select_metric']} (learning rate x {{1/3, 1, 3}}, extended by 3x while the best is at an edge, "
-        "then 2x steps, doubled again while the longest wins (steps tried: the budgets run), then the prompt length).",
+        + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. " + how,
         f"Machine: {first['machine']}." + _regeneration_note(records),
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
         "the seeds. Trials: the sets of values tried in the search before the choice, each scored by its mean "
@@ -530,14 +595,18 @@ def main(argv=None) -> list[dict]:
     if not args.table_only:
         chosen = {}
         for name in [n for n in args.rows if n != "frozen"]:
+            if args.transfer_from:
+                values, origin = transferred(args, name)
+                chosen[name] = (values, origin["search_trials"], origin)
+                print(f"{name}: {values} ({args.transfer_from}'s choice, {values['steps']} steps)", flush=True)
+                continue
             print(f"{name}: searching", flush=True)
-            chosen[name] = search(args, name)
-            print(f"{name}: chose {chosen[name][0]} after {len(chosen[name][1])} trials", flush=True)
-        if "frozen" in args.rows and not args.search_only:
-            final_run(args, "frozen", None, None, 0)
-        for seed in [] if args.search_only else args.seeds:
-            for name, (values, trials) in chosen.items():
-                final_run(args, name, seed, values, len(trials))
+            values, trials = search(args, name)
+            chosen[name] = (values, len(trials), None)
+            print(f"{name}: chose {values} after {len(trials)} trials", flush=True)
+        jobs = [] if args.search_only else [("frozen", None, None, 0, None)] if "frozen" in args.rows else []
+        jobs += [] if args.search_only else [(name, seed, *chosen[name]) for seed in args.seeds for name in chosen]
+        run_final_jobs(args, jobs)
     trials = rebuild_search_table(args)
 
     def render(records: list[dict], preset: str) -> str:

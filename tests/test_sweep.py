@@ -221,7 +221,7 @@ def test_finished_work_is_skipped_and_a_missing_record_rerun(swept, monkeypatch)
     assert len(sweep.main(argv)) == len(records) and calls == []  # nothing re-runs
     assert (root / "results" / "sweep-cpu.md").read_text() == table
     (root / "results" / "sweep-cpu" / "final" / "vpt_deep-seed1.json").unlink()
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(SystemExit, match="final runs failed:\nvpt_deep seed 1: division by zero"):
         sweep.main(argv)
     assert calls == ["vpt_deep seed 1"]  # only the missing run
 
@@ -319,7 +319,7 @@ def test_a_final_record_of_other_values_is_rerun_from_scratch(swept, monkeypatch
     seen = []
     monkeypatch.setattr(sweep, "run_logged", lambda command, out, what: seen.append(
         (what, sorted(p.name for p in out.iterdir()), json.loads((out / "chosen.json").read_text()))) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(SystemExit, match="vpt_deep seed 1: division by zero"):
         sweep.main(argv)
     assert seen == [("vpt_deep seed 1", ["chosen.json"], old["chosen"])]
 
@@ -393,3 +393,62 @@ def test_steps_tried_counts_only_budgets_run_at_every_search_seed_of_the_row():
                                "cpu", sweep.steps_tried(trials, records))
     cells = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in table.splitlines()[2:4]}
     assert cells == {"LoRA": "50,100", "BitFit": "-"}
+
+
+def test_transfer_from_trains_the_other_presets_choice_at_the_given_steps_without_a_search(swept, monkeypatch,
+                                                                                           tmp_path):
+    """The GPU lease: the cpu search's chosen learning rate and prompt length, ``--steps`` steps, no trial run;
+    the records and the table say where the values came from."""
+    sweep, root, argv, records = swept
+    shutil.copytree(root / "results", tmp_path / "results")
+    cpu = next(r for r in records if r["row"] == "vpt_deep")
+    monkeypatch.setitem(sweep.PRESETS, "gpu", {**sweep.PRESETS["cpu"], "image_size": 28})
+    argv = [str(tmp_path / "results") if a == str(root / "results") else str(tmp_path / "runs")
+            if a == str(root / "runs") else a for a in argv]  # fmt: skip
+    records = sweep.main([*argv, "--preset", "gpu", "--transfer_from", "cpu", "--steps", "3", "--seeds", "0"])
+    assert not (tmp_path / "results" / "sweep-gpu" / "search").exists()  # nothing searched
+    (gpu,) = [r for r in records if r["row"] == "vpt_deep"]
+    assert gpu["chosen"] == {**cpu["chosen"], "steps": 3} and gpu["trained_by_trial"] is None
+    assert gpu["values_from"] == {"preset": "cpu", "chosen": cpu["chosen"], "search_trials": cpu["search_trials"],
+                                  "search_seeds": cpu["search_seeds"]}  # fmt: skip
+    assert f"--learning_rate {cpu['chosen']['learning_rate']}" in gpu["command"] and "--max_steps 3" in gpu["command"]
+    assert "--image_size 28" in gpu["command"]
+    lines = (tmp_path / "results" / "sweep-gpu.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| VPT-deep |")).split("|")
+    assert row[2].strip() == sweep._chosen_text(gpu) and row[3].strip() == str(cpu["search_trials"])
+    assert any("chosen on validation by the `cpu` preset's search" in line and "trained 3 steps" in line
+               for line in lines)  # fmt: skip
+    shutil.rmtree(tmp_path / "results" / "sweep-cpu")
+    with pytest.raises(SystemExit, match="vpt_deep: no final record"):
+        sweep.main([*argv, "--preset", "gpu", "--transfer_from", "cpu", "--steps", "3", "--seeds", "0"])
+
+
+@pytest.mark.parametrize("bad", [["--transfer_from", "cpu"], ["--steps", "5"],
+                                 ["--preset", "gpu", "--transfer_from", "cpu", "--steps", "0"]])
+def test_transfer_options_refuse_what_cannot_mean_anything(bad):
+    with pytest.raises(SystemExit):
+        load_sweep().parse_args(bad)  # its own preset; steps without a transfer (a search picks them); 0 steps
+
+
+def test_final_runs_go_side_by_side_with_jobs_and_one_failure_does_not_stop_the_others(monkeypatch):
+    """--jobs 2: two final runs in flight at once (a barrier of two times out otherwise), started seed by seed;
+    a failed run is reported at the end, after every other run finished."""
+    import threading
+
+    sweep = load_sweep()
+    barrier, started, done = threading.Barrier(2, timeout=10), [], []
+
+    def fake_final(args, name, seed, chosen, trials, origin=None):
+        started.append((name, seed))
+        barrier.wait()
+        if (name, seed) == ("bitfit", 0):
+            raise RuntimeError("bitfit seed 0 failed (exit 1); see log.txt")
+        done.append((name, seed))
+
+    monkeypatch.setattr(sweep, "final_run", fake_final)
+    args = sweep.parse_args(["--jobs", "2"])
+    jobs = [(name, seed, {"steps": 1}, 3, None) for seed in (0, 1) for name in ("lora", "bitfit")]
+    with pytest.raises(SystemExit, match="final runs failed:\nbitfit seed 0: bitfit seed 0 failed"):
+        sweep.run_final_jobs(args, jobs)
+    assert sorted(started[:2]) == [("bitfit", 0), ("lora", 0)]  # seed 0 first
+    assert sorted(done) == [("bitfit", 1), ("lora", 0), ("lora", 1)]
