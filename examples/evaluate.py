@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
+from transformers import AutoImageProcessor, HfArgumentParser
 
 import prompt_peft
+from prompt_peft.backbones import load_backbone
 from prompt_peft.data import (
     eval_transform,
     load_retrieval_dataset,
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
         model = prompt_peft.from_pretrained(args.adapter, args.backbone, revision=args.revision)
         processor_source = args.backbone or model.peft_config["default"].base_model_name_or_path
     else:
-        model = AutoModel.from_pretrained(args.backbone).eval()
+        model = load_backbone(args.backbone).eval()
         processor_source = args.backbone
     model.to(accelerator.device)
     processor = AutoImageProcessor.from_pretrained(processor_source)

@@ -35,9 +35,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import get_peft_model
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
+from transformers import AutoImageProcessor, HfArgumentParser
 
 import prompt_peft
+from prompt_peft.backbones import load_backbone
 from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
 from prompt_peft.config_checks import (
     ConfigError,
@@ -222,7 +223,7 @@ def build_model(model_args: ModelArguments, num_classes: int, train_args: Option
         )
     except ValueError as error:
         raise SystemExit(f"--method / --method_kwargs: {error}") from None
-    backbone = AutoModel.from_pretrained(model_args.backbone)
+    backbone = load_backbone(model_args.backbone)
     if train_args is not None and train_args.backbone_lr:
         backbone = prepare_backbone(backbone, train_args.backbone_tuning, lora_rank=train_args.lora_rank)
     model = get_peft_model(backbone, config)

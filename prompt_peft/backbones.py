@@ -36,9 +36,32 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["BackboneSpec", "FAMILIES", "Family", "SUPPORTED_MODELS", "pool_tokens"]
+__all__ = ["BackboneSpec", "FAMILIES", "Family", "SUPPORTED_MODELS", "load_backbone", "pool_tokens", "without_hub_kernels"]
 
 POOLINGS = ("first_token", "mean", "patch_mean", "identity")
+
+
+def without_hub_kernels(model: nn.Module) -> nn.Module:
+    """Turn transformers' Hub kernels off in ``model`` (returned): its layers run their own PyTorch code.
+
+    Recent transformers load every model with ``use_kernels=True`` when the ``kernels`` package is installed (it is
+    a dependency of transformers itself) and kernelize again at each ``train()`` / ``eval()``: on a CUDA device
+    that fetches layers such as GELU from the Hub, which fails on a machine without internet (the run crashes at
+    its first evaluation, after training) and otherwise computes other numbers than the model the adapter was
+    trained and tested with. The prompt methods hook the blocks' own forward, so the backbone stays plain.
+    """
+    for module in model.modules():
+        if getattr(module, "_use_kernels", False):
+            module.use_kernels = False  # transformers' setter puts every kernelized layer back to its torch forward
+    return model
+
+
+def load_backbone(name_or_path: str, model_class=None, **kwargs: Any) -> nn.Module:
+    """``model_class.from_pretrained(name_or_path, **kwargs)`` (default ``AutoModel``), without Hub kernels
+    (:func:`without_hub_kernels`): the backbone as the examples, the serving code and adapter loading use it."""
+    if model_class is None:
+        from transformers import AutoModel as model_class
+    return without_hub_kernels(model_class.from_pretrained(name_or_path, **kwargs))
 
 
 def pool_tokens(output: torch.Tensor, pool: str, num_prefix_tokens: int = 0) -> torch.Tensor:

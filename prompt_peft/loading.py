@@ -20,6 +20,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .backbones import load_backbone
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -130,7 +132,7 @@ def _load_backbone(name_or_path: str, config, kwargs: dict[str, Any]) -> nn.Modu
     class_name = (config.auto_mapping or {}).get("base_model_class")
     model_cls = getattr(transformers, class_name, None) if class_name else None
     model_cls = model_cls or transformers.AutoModel
-    return model_cls.from_pretrained(name_or_path, revision=getattr(config, "revision", None), **kwargs)
+    return load_backbone(name_or_path, model_cls, revision=getattr(config, "revision", None), **kwargs)
 
 
 def image_transform(model: nn.Module, processor=None, adapter_name: str = "default"):

@@ -80,8 +80,9 @@ class Embedder:
         """An adapter (local folder or Hub id; its base model is loaded too, or ``backbone``) or, without
         ``adapter``, the bare ``backbone``. ``image_size``: the resolution the adapter was trained at
         (default: the processor's own)."""
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor
 
+        from .backbones import load_backbone
         from .loading import from_pretrained
 
         if adapter is None and backbone is None:
@@ -90,7 +91,7 @@ class Embedder:
             model = from_pretrained(adapter, backbone, revision=revision)
             processor_source = backbone or model.peft_config["default"].base_model_name_or_path
         else:
-            model = AutoModel.from_pretrained(backbone).eval()
+            model = load_backbone(backbone).eval()
             processor_source = backbone
         processor = AutoImageProcessor.from_pretrained(processor_source)
         source = {

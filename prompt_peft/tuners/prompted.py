@@ -39,7 +39,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..backbones import BackboneSpec
+from ..backbones import BackboneSpec, without_hub_kernels
 from ..distributed import gather_across_processes
 from ..losses import LossInputs, ProxyAnchorLoss
 from .context import ForwardContext, close_context, current_context, open_context, use_context
@@ -588,6 +588,7 @@ class PromptedTuner(BaseTuner):
     # -- setup ------------------------------------------------------------------------------------------
 
     def _pre_injection_hook(self, model: nn.Module, config: PromptedConfig, adapter_name: str) -> None:
+        without_hub_kernels(model)  # also for a backbone the user loaded: no Hub download at eval() on CUDA
         self.spec = BackboneSpec.from_model(model)
         self.spec.check_method(self.prefix)
         self._check_config_fits_backbone(config)
