@@ -32,7 +32,7 @@ Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 / 200 steps, test and validati
 ``--jobs N`` runs N trials of a search stage side by side (its values x its search seeds are independent), and N
 final runs side by side.
 
-``--transfer_from cpu`` (the GPU lease: a search at 224 px does not fit 15 minutes of a GPU) skips the search: every
+``--transfer_from cpu`` (a GPU lent for minutes, too short for a search at 224 px) skips the search: every
 row takes the values that ``cpu``'s search chose on validation (read from its final records; the learning rate and
 prompt length) and trains ``--steps`` steps; the records and the table say where the values came from.
 
