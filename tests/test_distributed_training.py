@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import torch.multiprocessing as mp
 from accelerate import Accelerator
 from peft import get_peft_model
 from test_distributed import _free_port
-from test_train_dml import adapter_weights, args, run_script
+from test_train_dml import adapter_weights, args, killed_after_checkpoint, run_script
 from tiny_models import pixels, tiny_model
 
 import prompt_peft
@@ -352,14 +351,11 @@ def test_each_node_ran_its_own_process_group_rank(e2e_runs):
 def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(workspace, e2e_runs):
     tmp, _ = e2e_runs
     output_dir = tmp / "interrupted"
-    first = run_script(args(workspace, output_dir, *E2E_STEPS), launcher=two_processes(), start_new_session=True)
-    deadline = time.time() + 300
-    while not (output_dir / "checkpoints" / "step_2" / "trainer_state.json").exists():
-        assert first.poll() is None, "the run finished before it could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both workers, as a node failure would
-    first.wait()
+    killer = killed_after_checkpoint(tmp, 2, whole_job=True)  # the launcher and both workers: a node failure
+    first = run_script(args(workspace, output_dir, *E2E_STEPS), launcher=two_processes(), script=killer)
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == -signal.SIGKILL, output[-4000:]
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_2"]
     assert not (output_dir / "adapter").exists()
     output = finish(run_script(args(workspace, output_dir, *E2E_STEPS, "--resume_from_checkpoint", "latest"),
                                launcher=two_processes()))

@@ -39,12 +39,41 @@ def args(workspace, output_dir, *extra):
     ]
 
 
+def killed_after_checkpoint(directory: Path, step: int, *, whole_job: bool = False) -> Path:
+    """A train_dml.py that kills itself hard (SIGKILL) right after its checkpoint ``step`` is complete: a crash at a
+    known point (a kill sent from the test raced the run, which on a quiet machine saved a later checkpoint and
+    deleted this one between two looks). ``whole_job``: the main process also kills the launcher (its parent) and
+    every other worker, as a node failure would."""
+    path = directory / f"killed_after_step_{step}.py"
+    path.write_text(textwrap.dedent(f"""
+        import importlib.util, os, signal, sys
+        import psutil
+        spec = importlib.util.spec_from_file_location("train_dml", {str(SCRIPT)!r})
+        module = importlib.util.module_from_spec(spec); sys.modules["train_dml"] = module
+        spec.loader.exec_module(module)
+        save = module.save_checkpoint
+        def save_then_die(accelerator, directory, step, *args, **kwargs):
+            saved = save(accelerator, directory, step, *args, **kwargs)
+            if step == {step} and accelerator.is_main_process:
+                if {whole_job!r}:
+                    launcher = psutil.Process(os.getppid())
+                    for process in [*launcher.children(recursive=True), launcher]:
+                        if process.pid != os.getpid():
+                            process.kill()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return saved
+        module.save_checkpoint = save_then_die
+        module.main(sys.argv[1:])
+    """))
+    return path
+
+
 def adapter_weights(output_dir):
     return load_file(Path(output_dir) / "adapter" / "adapter_model.safetensors")
 
 
-def run_script(argv, timeout=300, launcher=None, **popen):
-    command = (launcher or [sys.executable]) + [str(SCRIPT)] + argv
+def run_script(argv, timeout=300, launcher=None, script=SCRIPT, **popen):
+    command = (launcher or [sys.executable]) + [str(script)] + argv
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
@@ -189,26 +218,10 @@ def test_killed_run_resumes_to_the_same_adapter(workspace, tmp_path, method):
     reference = run_script(args(workspace, tmp_path / "reference", *common))
     assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
 
-    # Killed hard right after its step-4 checkpoint (mid-epoch: 6 steps per epoch), from inside: a kill sent from
-    # here raced the run, which on a fast machine saved step 8 (and deleted step 4) before the next look.
-    killer = tmp_path / "killed_after_step_4.py"
-    killer.write_text(textwrap.dedent(f"""
-        import importlib.util, os, signal, sys
-        spec = importlib.util.spec_from_file_location("train_dml", {str(SCRIPT)!r})
-        module = importlib.util.module_from_spec(spec); sys.modules["train_dml"] = module
-        spec.loader.exec_module(module)
-        save = module.save_checkpoint
-        def save_then_die(accelerator, directory, step, *args, **kwargs):
-            save(accelerator, directory, step, *args, **kwargs)
-            if step == 4:
-                os.kill(os.getpid(), signal.SIGKILL)
-        module.save_checkpoint = save_then_die
-        module.main(sys.argv[1:])
-    """))
-    interrupted = subprocess.run([sys.executable, str(killer), *args(workspace, tmp_path / "interrupted", *common)],
-                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                                 capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert interrupted.returncode == -signal.SIGKILL, (interrupted.stdout + interrupted.stderr)[-3000:]
+    killer = killed_after_checkpoint(tmp_path, 4)  # mid-epoch: 6 steps per epoch
+    interrupted = run_script(args(workspace, tmp_path / "interrupted", *common), script=killer)
+    output = interrupted.communicate(timeout=300)[0]
+    assert interrupted.returncode == -signal.SIGKILL, output[-3000:]
     checkpoints = tmp_path / "interrupted" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2", "step_4"]
     assert not (tmp_path / "interrupted" / "adapter").exists()
