@@ -604,9 +604,10 @@ def main(argv=None) -> list[dict]:
             values, trials = search(args, name)
             chosen[name] = (values, len(trials), None)
             print(f"{name}: chose {values} after {len(trials)} trials", flush=True)
-        jobs = [] if args.search_only else [("frozen", None, None, 0, None)] if "frozen" in args.rows else []
-        jobs += [] if args.search_only else [(name, seed, *chosen[name]) for seed in args.seeds for name in chosen]
-        run_final_jobs(args, jobs)
+        if not args.search_only:
+            jobs = [("frozen", None, None, 0, None)] if "frozen" in args.rows else []
+            jobs += [(name, seed, *chosen[name]) for seed in args.seeds for name in chosen]
+            run_final_jobs(args, jobs)
     trials = rebuild_search_table(args)
 
     def render(records: list[dict], preset: str) -> str:

@@ -130,8 +130,7 @@ def _check_safetensors(path: Path) -> None:
 
 def _load_backbone(name_or_path: str, config, kwargs: dict[str, Any]) -> nn.Module:
     class_name = (config.auto_mapping or {}).get("base_model_class")
-    model_cls = getattr(transformers, class_name, None) if class_name else None
-    model_cls = model_cls or transformers.AutoModel
+    model_cls = getattr(transformers, class_name, None) if class_name else None  # None: AutoModel
     return load_backbone(name_or_path, model_cls, revision=getattr(config, "revision", None), **kwargs)
 
 

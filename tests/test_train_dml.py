@@ -39,18 +39,23 @@ def args(workspace, output_dir, *extra):
     ]
 
 
+# The head of a generated wrapper script: train_dml.py loaded as ``module``, as load_script() does in-process.
+LOAD_TRAIN_DML = f"""import importlib.util, sys
+spec = importlib.util.spec_from_file_location("train_dml", {str(SCRIPT)!r})
+module = importlib.util.module_from_spec(spec); sys.modules["train_dml"] = module
+spec.loader.exec_module(module)
+"""
+
+
 def killed_after_checkpoint(directory: Path, step: int, *, whole_job: bool = False) -> Path:
     """A train_dml.py that kills itself hard (SIGKILL) right after its checkpoint ``step`` is complete: a crash at a
     known point (a kill sent from the test raced the run, which on a quiet machine saved a later checkpoint and
     deleted this one between two looks). ``whole_job``: the main process also kills the launcher (its parent) and
     every other worker, as a node failure would."""
     path = directory / f"killed_after_step_{step}.py"
-    path.write_text(textwrap.dedent(f"""
-        import importlib.util, os, signal, sys
+    path.write_text(LOAD_TRAIN_DML + textwrap.dedent(f"""
+        import os, signal
         import psutil
-        spec = importlib.util.spec_from_file_location("train_dml", {str(SCRIPT)!r})
-        module = importlib.util.module_from_spec(spec); sys.modules["train_dml"] = module
-        spec.loader.exec_module(module)
         save = module.save_checkpoint
         def save_then_die(accelerator, directory, step, *args, **kwargs):
             saved = save(accelerator, directory, step, *args, **kwargs)
@@ -241,12 +246,9 @@ def test_two_process_ddp_ends_with_identical_replicas(workspace, tmp_path, metho
     """Replicas agree, VPTSP-G's running proxies (state, not parameters) included: they fold in the gathered
     global batch on every process."""
     wrapper = tmp_path / "ddp_run.py"
-    wrapper.write_text(textwrap.dedent(f"""
-        import importlib.util, sys, torch
+    wrapper.write_text(LOAD_TRAIN_DML + textwrap.dedent(f"""
+        import torch
         from accelerate import PartialState
-        spec = importlib.util.spec_from_file_location("train_dml", {str(SCRIPT)!r})
-        module = importlib.util.module_from_spec(spec); sys.modules["train_dml"] = module
-        spec.loader.exec_module(module)
         summary, model = module.run(sys.argv[1:])
         state = PartialState()
         weights = {{n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
