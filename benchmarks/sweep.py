@@ -455,8 +455,12 @@ def run_final_jobs(args, jobs: list[tuple]) -> None:
             return f"{job[0]} seed {job[1]}: {error}"
         return None
 
+    start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the training processes
         failures = [failure for failure in pool.map(attempt, jobs) if failure]
+    # what regenerating a table costs on this machine (finished runs are skipped and cost nothing)
+    print(f"final runs: {len(jobs)} in {(time.time() - start) / 3600:.2f} h of wall time, {args.jobs} at a time",
+          flush=True)
     if failures:
         raise SystemExit("final runs failed:\n" + "\n".join(failures))
 

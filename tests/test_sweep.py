@@ -2,6 +2,7 @@
 chosen values, resumable records, the table from the records."""
 
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -430,9 +431,9 @@ def test_transfer_options_refuse_what_cannot_mean_anything(bad):
         load_sweep().parse_args(bad)  # its own preset; steps without a transfer (a search picks them); 0 steps
 
 
-def test_final_runs_go_side_by_side_with_jobs_and_one_failure_does_not_stop_the_others(monkeypatch):
+def test_final_runs_go_side_by_side_with_jobs_and_one_failure_does_not_stop_the_others(monkeypatch, capsys):
     """--jobs 2: two final runs in flight at once (a barrier of two times out otherwise), started seed by seed;
-    a failed run is reported at the end, after every other run finished."""
+    a failed run is reported at the end, after every other run finished, and the stage's wall time is printed."""
     import threading
 
     sweep = load_sweep()
@@ -452,3 +453,4 @@ def test_final_runs_go_side_by_side_with_jobs_and_one_failure_does_not_stop_the_
         sweep.run_final_jobs(args, jobs)
     assert sorted(started[:2]) == [("bitfit", 0), ("lora", 0)]  # seed 0 first
     assert sorted(done) == [("bitfit", 1), ("lora", 0), ("lora", 1)]
+    assert re.search(r"^final runs: 4 in \d+\.\d\d h of wall time, 2 at a time$", capsys.readouterr().out, re.M)
