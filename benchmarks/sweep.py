@@ -550,8 +550,9 @@ def _regeneration_note(records: list[dict]) -> str:
     timed = [r["wall_seconds"] for r in records if "wall_seconds" in r]
     if not timed:
         return ""
-    return (f" The {len(timed)} final runs took {sum(timed) / 3600:.2f} h of wall time in all (run by run; the"
-            " search seed's training counted at its trial's time).")
+    reused = any(r.get("trained_by_trial") for r in records)
+    return (f" The {len(timed)} final runs took {sum(timed) / 3600:.2f} h of wall time in all (summed run by run"
+            + ("; a search seed's training counted at its trial's time)." if reused else ")."))
 
 
 def render_search_table(trials: list[dict], select_metric: str) -> str:

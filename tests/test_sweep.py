@@ -454,3 +454,14 @@ def test_final_runs_go_side_by_side_with_jobs_and_one_failure_does_not_stop_the_
     assert sorted(started[:2]) == [("bitfit", 0), ("lora", 0)]  # seed 0 first
     assert sorted(done) == [("bitfit", 1), ("lora", 0), ("lora", 1)]
     assert re.search(r"^final runs: 4 in \d+\.\d\d h of wall time, 2 at a time$", capsys.readouterr().out, re.M)
+
+
+def test_the_tables_time_note_sums_the_final_runs_and_says_when_trials_training_is_counted_in():
+    sweep = load_sweep()
+    fresh = [{"wall_seconds": 1800.0, "trained_by_trial": None}, {"wall_seconds": 5400.0, "trained_by_trial": None}]
+    note = sweep._regeneration_note(fresh)
+    assert "The 2 final runs took 2.00 h of wall time in all (summed run by run)." in note
+    reused = [fresh[0], {"wall_seconds": 3600.0, "trained_by_trial": "learning_rate=0.001_steps=200-seed0"}]
+    assert "took 1.50 h" in sweep._regeneration_note(reused)
+    assert "a search seed's training counted at its trial's time" in sweep._regeneration_note(reused)
+    assert sweep._regeneration_note([{"trained_by_trial": None}]) == ""  # records without times: no claim
