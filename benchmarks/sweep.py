@@ -81,7 +81,7 @@ from retrieval import (  # noqa: E402
 PRESETS = {
     "cpu": {
         "image_size": 112,
-        "base_steps": 50,  # 50 / 100 steps: all rows x 3 seeds fit about 2.5 h of 2 cores (200 doubles a row's time)
+        "base_steps": 50,  # grows to 200 (STEP_EXTENSIONS): all rows x 3 seeds took 2 h 9 min on 2 cores (README)
         "eval_images_per_class": 20,
         "eval_batch_size": 64,
         "num_workers": 2,

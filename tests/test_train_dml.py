@@ -214,12 +214,16 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_result(works
         torch.testing.assert_close(got[key], reference[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("method", ["vpt", "semantic_proxy"])
+@pytest.mark.parametrize("method", ["vpt", "semantic_proxy", "ship"])
 def test_killed_run_resumes_to_the_same_adapter(workspace, tmp_path, method):
-    """VPTSP-G included: its running semantic proxies and row-sparse optimiser state are part of the checkpoint."""
+    """VPTSP-G included: its running semantic proxies and row-sparse optimiser state are part of the checkpoint;
+    SHIP too: its hierarchy is fitted on features before training, and a resumed run must not fit another."""
     common = ["--max_steps", "12", "--checkpointing_steps", "2", "--eval_every_epochs", "0", "--method", method]
     if method == "semantic_proxy":
         common += ["--method_kwargs", '{"num_prompts": 2, "num_class_prompts": 2}']
+    if method == "ship":
+        common += ["--method_kwargs", '{"level_prompt_tokens": 2, "share_threshold": 0.999, "num_prototypes": 4, '
+                                      '"attribute_prompt_tokens": 2, "matching_topk": 2}']
     reference = run_script(args(workspace, tmp_path / "reference", *common))
     assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
 
