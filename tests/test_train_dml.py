@@ -39,6 +39,11 @@ def args(workspace, output_dir, *extra):
     ]
 
 
+# SHIP sized for the tiny workspace (few prototypes, short prompts): one literal for every SHIP run here
+TINY_SHIP_KWARGS = ('{"level_prompt_tokens": 2, "share_threshold": 0.999, "num_prototypes": 4, '
+                    '"attribute_prompt_tokens": 2, "matching_topk": 2}')
+
+
 # The head of a generated wrapper script: train_dml.py loaded as ``module``, as load_script() does in-process.
 LOAD_TRAIN_DML = f"""import importlib.util, sys
 spec = importlib.util.spec_from_file_location("train_dml", {str(SCRIPT)!r})
@@ -222,8 +227,7 @@ def test_killed_run_resumes_to_the_same_adapter(workspace, tmp_path, method):
     if method == "semantic_proxy":
         common += ["--method_kwargs", '{"num_prompts": 2, "num_class_prompts": 2}']
     if method == "ship":
-        common += ["--method_kwargs", '{"level_prompt_tokens": 2, "share_threshold": 0.999, "num_prototypes": 4, '
-                                      '"attribute_prompt_tokens": 2, "matching_topk": 2}']
+        common += ["--method_kwargs", TINY_SHIP_KWARGS]
     reference = run_script(args(workspace, tmp_path / "reference", *common))
     assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
 
@@ -372,8 +376,7 @@ def test_semantic_proxy_defaults_to_the_released_batch_shape(workspace, tmp_path
 
 def test_ship_run_fits_the_hierarchy_first(workspace, tmp_path):
     summary = load_script().main(args(workspace, tmp_path, "--method", "ship", "--max_steps", "2",
-                                      "--method_kwargs", '{"level_prompt_tokens": 2, "share_threshold": 0.999, '
-                                      '"num_prototypes": 4, "attribute_prompt_tokens": 2, "matching_topk": 2}'))
+                                      "--method_kwargs", TINY_SHIP_KWARGS))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SHIP" and config["levels"] and config["levels"][0] == 0
     weights = adapter_weights(tmp_path)
