@@ -118,6 +118,25 @@ def test_deterministic_reshuffle_per_epoch():
     assert list(MPerClassBatchSampler(LABELS, 2, 4, seed=8)) != first
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataloader_reads_the_epoch_that_was_set(workers):
+    """The batches of epoch e whatever the worker count: torch's DataLoader with workers calls iter() on its batch
+    sampler twice per pass and uses the second; an iterator that is never started must not use up an epoch."""
+    from torch.utils.data import DataLoader
+
+    sampler = MPerClassBatchSampler(LABELS, 2, 4, seed=7)
+    iter(sampler)  # abandoned before its first batch
+    epoch_0 = [[int(i) for i in batch] for batch in MPerClassBatchSampler(LABELS, 2, 4, seed=7)]
+    loader = DataLoader(range(len(LABELS)), batch_sampler=sampler, num_workers=workers)
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        got = [batch.tolist() for batch in loader]
+        reference = MPerClassBatchSampler(LABELS, 2, 4, seed=7)
+        reference.set_epoch(epoch)
+        assert got == [list(map(int, b)) for b in reference], epoch
+    assert got != epoch_0  # epoch 3 is another shuffle than epoch 0
+
+
 def test_all_replicas_interleaves_the_ranks():
     everything = list(MPerClassBatchSampler(LABELS, 2, 4, num_replicas=2, all_replicas=True, seed=1))
     per_rank = shards(LABELS, 2, 4, 2, seed=1)

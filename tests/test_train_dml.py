@@ -219,11 +219,24 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_result(works
         torch.testing.assert_close(got[key], reference[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("method", ["vpt", "semantic_proxy", "ship"])
-def test_killed_run_resumes_to_the_same_adapter(workspace, tmp_path, method):
+def test_worker_processes_do_not_change_what_is_trained(workspace, tmp_path):
+    """--num_workers is a speed setting: the same batches, augmentations and adapter with or without workers."""
+    for workers in (0, 2):
+        load_script().main(args(workspace, tmp_path / str(workers), "--max_steps", "8", "--eval_every_epochs", "0",
+                                "--num_workers", str(workers)))
+    expected, got = adapter_weights(tmp_path / "0"), adapter_weights(tmp_path / "2")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(("method", "workers"), [("vpt", 0), ("semantic_proxy", 0), ("ship", 0), ("vpt", 2), ("ship", 2)])
+def test_killed_run_resumes_to_the_same_adapter(workspace, tmp_path, method, workers):
     """VPTSP-G included: its running semantic proxies and row-sparse optimiser state are part of the checkpoint;
-    SHIP too: its hierarchy is fitted on features before training, and a resumed run must not fit another."""
-    common = ["--max_steps", "12", "--checkpointing_steps", "2", "--eval_every_epochs", "0", "--method", method]
+    SHIP too: its hierarchy is fitted on features before training, and a resumed run must not fit another.
+    With DataLoader worker processes as well as without: they load and augment the resumed epoch's batches."""
+    common = ["--max_steps", "12", "--checkpointing_steps", "2", "--eval_every_epochs", "0", "--method", method,
+              "--num_workers", str(workers)]
     if method == "semantic_proxy":
         common += ["--method_kwargs", '{"num_prompts": 2, "num_class_prompts": 2}']
     if method == "ship":

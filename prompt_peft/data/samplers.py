@@ -68,7 +68,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             instead of only ``rank``'s, for a wrapper that deals batch ``i`` to process
             ``i % num_replicas`` — what accelerate's ``BatchSamplerShard`` does. ``rank`` is then unused.
 
-    Each ``iter()`` uses the current epoch and then advances it by one, so consecutive epochs differ even
+    Each iteration uses the current epoch and then advances it by one, so consecutive epochs differ even
     when nobody calls ``set_epoch`` (accelerate's prepared dataloader does not forward ``set_epoch`` to a
     custom batch sampler). Call ``set_epoch(epoch)`` at the start of each epoch, on every process, to make
     the order depend only on ``(seed, epoch)``, e.g. when resuming.
@@ -150,11 +150,13 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator, so the epoch is read and advanced (see the class docstring) at the first batch, not at
+        # iter(): torch's DataLoader with worker processes calls iter() twice per pass and drains only the second.
         steps = self.global_batches(self.epoch)
-        self.epoch += 1  # see the class docstring: consecutive iter() calls give consecutive epochs
+        self.epoch += 1
         b = self.batch_size
         ranks = range(self.num_replicas) if self.all_replicas else [self.rank]
-        return iter([step[r * b : (r + 1) * b] for step in steps for r in ranks])
+        yield from (step[r * b : (r + 1) * b] for step in steps for r in ranks)
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """The epoch's global batches (``batch_size × num_replicas`` indices each, class-contiguous): what one
