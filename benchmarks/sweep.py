@@ -81,7 +81,7 @@ from retrieval import (  # noqa: E402
 PRESETS = {
     "cpu": {
         "image_size": 112,
-        "base_steps": 50,  # grows to 200 (STEP_EXTENSIONS): all rows x 3 seeds took 2 h 9 min on 2 cores (README)
+        "base_steps": 50,  # grows to 200 (STEP_EXTENSIONS): all rows x 3 seeds took 1.5-2.2 h on 2 cores (README)
         "eval_images_per_class": 20,
         "eval_batch_size": 64,
         "num_workers": 2,
