@@ -258,6 +258,7 @@ result = dict(world=acc.num_processes, type=str(acc.distributed_type), len=len(l
               plain=plain, lrs=lrs)
 with open(f"{out_dir}/rank{acc.process_index}.json", "w") as f:
     json.dump(result, f)
+acc.end_training()  # destroys the process group: a process exiting with gloo's threads still up can abort
 """
 
 
