@@ -178,6 +178,18 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPU cores, no GPU"
 
 
+def code_version() -> str | None:
+    """The checkout's commit (``-dirty`` when tracked files differ from it), so that a record says which code made it;
+    None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"], capture_output=True).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
 def _cuda_name() -> str | None:
     import torch
 
@@ -224,6 +236,7 @@ def run_facts(args, command: list[str], eval_images: int, eval_seconds: float) -
         # a tiny test set on a fast machine can evaluate within the clock's resolution
         "inference_images_per_second": round(eval_images / max(eval_seconds, 1e-3), 1),
         "machine": machine(),
+        "code": code_version(),
         # the command with the machine's paths made relative, so the record is portable
         "command": " ".join(shlex.quote(portable(c)) for c in command),
     }

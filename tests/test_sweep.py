@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,10 @@ def test_trials_see_validation_classes_only_and_the_choice_is_their_best(swept):
             assert f"--max_steps {chosen['steps']}" in r["command"] and "--eval_test true" in r["command"]
             assert r["metrics"] is not None and r["validation_metrics"] is not None
             assert str(root) not in r["command"]  # records carry no machine paths
+            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+            # the code that made the record: the checkout's commit (None where there is no git checkout)
+            assert (r["code"] or "").split("-")[0] == commit
 
 
 def test_finished_work_is_skipped_and_a_missing_record_rerun(swept, monkeypatch):
