@@ -203,6 +203,8 @@ def test_trials_see_validation_classes_only_and_the_choice_is_their_best(swept):
         assert all(t["test_metrics"] is None and "--eval_test false" in t["command"] for t in trials)
         finals = [r for r in records if r["row"] == row]
         assert len(finals) == 2 and all(r["search_trials"] == count for r in finals)
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
         chosen = finals[0]["chosen"]
         lr_stage = [t for t in trials if t["stage"] == "learning rate"]
         score = {t["values"]["learning_rate"]: t["validation_metrics"]["map@r"] for t in lr_stage}
@@ -213,8 +215,6 @@ def test_trials_see_validation_classes_only_and_the_choice_is_their_best(swept):
             assert f"--max_steps {chosen['steps']}" in r["command"] and "--eval_test true" in r["command"]
             assert r["metrics"] is not None and r["validation_metrics"] is not None
             assert str(root) not in r["command"]  # records carry no machine paths
-            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()
             # the code that made the record: the checkout's commit (None where there is no git checkout)
             assert (r["code"] or "").split("-")[0] == commit
 
