@@ -179,8 +179,8 @@ def machine() -> str:
 
 
 def code_version() -> str | None:
-    """The checkout's commit (``-dirty`` when tracked files differ from it), so that a record says which code made it;
-    None outside a git checkout."""
+    """The checkout's commit (``-dirty`` when tracked files differ from it) when a record is written, so that it says
+    which code made it; None outside a git checkout."""
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
