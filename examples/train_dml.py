@@ -39,7 +39,7 @@ from transformers import AutoImageProcessor, HfArgumentParser
 
 import prompt_peft
 from prompt_peft.backbones import load_backbone
-from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
+from prompt_peft.backbone_tuning import LORA_TARGETS, backbone_parameter_filter, merge_lora, prepare_backbone
 from prompt_peft.config_checks import (
     ConfigError,
     check_settings,
@@ -155,10 +155,18 @@ class TrainArguments:
         default="all",
         metadata={
             "help": "With --backbone_lr, which backbone parameters train: 'all' (full fine-tuning), 'bias' (BitFit) "
-            "or 'lora' (peft's LoRA on the attention projections, --lora_rank)."
+            "or 'lora' (peft's LoRA, --lora_rank, --lora_targets)."
         },
     )
     lora_rank: int = field(default=8, metadata={"help": "Rank of --backbone_tuning lora."})
+    lora_targets: str = field(
+        default="attention",
+        metadata={
+            "help": "Layers of --backbone_tuning lora: 'attention' (query / key / value projections) or 'all-linear' "
+            "(attention and MLP, peft's own selection).",
+            "choices": sorted(LORA_TARGETS),
+        },
+    )
     activation_checkpointing: bool = field(
         default=False,
         metadata={
@@ -225,7 +233,9 @@ def build_model(model_args: ModelArguments, num_classes: int, train_args: Option
         raise SystemExit(f"--method / --method_kwargs: {error}") from None
     backbone = load_backbone(model_args.backbone)
     if train_args is not None and train_args.backbone_lr:
-        backbone = prepare_backbone(backbone, train_args.backbone_tuning, lora_rank=train_args.lora_rank)
+        backbone = prepare_backbone(
+            backbone, train_args.backbone_tuning, lora_rank=train_args.lora_rank, lora_targets=train_args.lora_targets
+        )
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card
         model.peft_config["default"].base_model_name_or_path = model_args.base_model_hub_id
@@ -480,8 +490,9 @@ def run(argv=None):
                     repo_id=train_args.hub_model_id, **card),
             output_dir / "adapter",
         )
-        if train_args.backbone_lr:
-            save_atomically(copy.deepcopy(unwrapped).unload().save_pretrained, output_dir / "backbone")
+        if train_args.backbone_lr:  # LoRA merged: a plain backbone that from_pretrained loads as it is
+            backbone = merge_lora(copy.deepcopy(unwrapped).unload())
+            save_atomically(backbone.save_pretrained, output_dir / "backbone")
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         if checkpoints := describe_checkpoints(checkpoints_dir):
             logger.info(checkpoints)

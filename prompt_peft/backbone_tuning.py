@@ -6,7 +6,10 @@ head alone); what differs is which backbone parameters also train, at ``backbone
 * ``"all"``: every backbone parameter (full fine-tuning);
 * ``"bias"``: only the bias terms (BitFit, Ben Zaken et al., ACL 2022), updated in place;
 * ``"lora"``: peft's own LoRA (``peft.LoraConfig``, injected with ``peft.inject_adapter_in_model``) on the
-  attention's query / key / value projections; only its ``lora_A`` / ``lora_B`` matrices train.
+  attention's query / key / value projections (``lora_targets="attention"``) or on every linear layer of the
+  transformer blocks (``"all-linear"``: peft's own selection, attention and MLP, less the pooling heads outside the
+  blocks, e.g. ViT's pooler or SigLIP's attention-pooling head, which the embedding does not use); only its
+  ``lora_A`` / ``lora_B`` matrices train.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from __future__ import annotations
 from typing import Callable
 
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 BACKBONE_TUNINGS = ("all", "bias", "lora")
-# Attention input projections by their module names: ViT / DeiT / DINOv2 (query, key, value),
-# CLIP / SigLIP (q_proj, k_proj, v_proj). peft matches them as name suffixes.
-ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
+# Attention input projections by their module names: ViT / DeiT / DINOv2 (query, key, value; q_proj, k_proj,
+# v_proj in transformers 5), CLIP / SigLIP (q_proj, k_proj, v_proj), timm (one fused qkv). peft matches them as
+# name suffixes.
+ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "qkv")
+# what --lora_targets names: peft's target_modules for each
+LORA_TARGETS = {"attention": list(ATTENTION_PROJECTIONS), "all-linear": "all-linear"}
 LORA_ADAPTER = "backbone_lora"
 
 
@@ -28,24 +35,57 @@ def _check(tuning: str) -> None:
         raise ValueError(f"backbone tuning must be one of {BACKBONE_TUNINGS}, got {tuning!r}")
 
 
-def prepare_backbone(backbone: nn.Module, tuning: str, *, lora_rank: int = 8, lora_alpha: float | None = None):
+def prepare_backbone(
+    backbone: nn.Module,
+    tuning: str,
+    *,
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    lora_targets: str = "attention",
+):
     """``backbone`` ready for ``tuning``: with ``"lora"``, LoRA of rank ``lora_rank`` (alpha default ``2 ×``
-    rank, dropout 0) injected into every attention projection (in place; the model class is unchanged, so a
-    prompt_peft adapter can wrap it next). Other tunings change nothing here."""
+    rank, dropout 0) injected into the layers ``lora_targets`` names (a key of ``LORA_TARGETS``; in place: the
+    model class is unchanged, so a prompt_peft adapter can wrap it next). Other tunings change nothing here."""
     _check(tuning)
+    if lora_targets not in LORA_TARGETS:
+        raise ValueError(f"LoRA targets must be one of {sorted(LORA_TARGETS)}, got {lora_targets!r}")
     if tuning != "lora":
         return backbone
     config = LoraConfig(
         r=lora_rank,
         lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha,
         lora_dropout=0.0,
-        target_modules=list(ATTENTION_PROJECTIONS),
+        target_modules=LORA_TARGETS[lora_targets],
+        exclude_modules=_outside_blocks(backbone) if lora_targets == "all-linear" else None,
     )
     backbone = inject_adapter_in_model(config, backbone, adapter_name=LORA_ADAPTER)
     # the LoRA matrices are plain backbone parameters from here on: the prompt_peft adapter wrapped around the
     # backbone next must be the model's only peft config (or saving it would try to save LoRA as a VPT adapter)
     del backbone.peft_config
     return backbone
+
+
+def merge_lora(backbone: nn.Module) -> nn.Module:
+    """In place: fold every LoRA update into the weight it adapts and put the plain layer back, so the backbone
+    saves as, and loads with ``from_pretrained`` into, its own class (its LoRA-wrapped state dict would not: the
+    weights sit under ``base_layer`` and ``lora_A`` / ``lora_B`` keys that ``from_pretrained`` drops). A backbone
+    without LoRA is returned unchanged."""
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent), child, module.get_base_layer())
+    return backbone
+
+
+def _outside_blocks(backbone: nn.Module) -> list[str] | None:
+    """Names of the linear layers outside the numbered transformer blocks (pooling heads), or None."""
+    names = [
+        name
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.Linear) and not any(part.isdigit() for part in name.split("."))
+    ]
+    return names or None  # peft warns about an exclusion that excludes nothing
 
 
 def backbone_parameter_filter(tuning: str) -> Callable[[str], bool]:

@@ -1,6 +1,7 @@
 """The baselines users would pick instead of prompts, under the same head and loss: BitFit and peft's LoRA
 (prompt_peft.backbone_tuning, train_dml --backbone_tuning)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from tiny_models import pixels, tiny_model
 from transformers import AutoModel
 
 import prompt_peft
-from prompt_peft.backbone_tuning import backbone_parameter_filter, prepare_backbone
+from prompt_peft.backbone_tuning import backbone_parameter_filter, merge_lora, prepare_backbone
 from prompt_peft.training import build_optimizer
 from prompt_peft.tuners.prompted import parameter_roles
 from script_loader import load_script as _load
@@ -29,6 +30,36 @@ def test_lora_sits_on_every_attention_projection_and_starts_as_the_identity(name
     with torch.no_grad():  # lora_B starts at zero: the backbone's own function
         torch.testing.assert_close(model(pixel_values=pixels()).last_hidden_state,
                                    reference(pixel_values=pixels()).last_hidden_state)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model", "SiglipVisionModel", "TimmWrapperModel", "DINOv3ViTModel"])
+def test_all_linear_lora_sits_on_every_linear_layer_of_the_blocks_and_nowhere_else(name):
+    reference = tiny_model(name)
+    # an independent reading of "the blocks' linear layers": inside a numbered module list
+    in_blocks = {n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"\.\d+\.", n)}
+    model = prepare_backbone(tiny_model(name), "lora", lora_rank=2, lora_targets="all-linear")
+    lora = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, torch.nn.Linear)}
+    assert lora == in_blocks and any(".mlp." in n for n in lora)  # attention and MLP
+    attention_only = prepare_backbone(tiny_model(name), "lora", lora_rank=2)
+    assert {n for n, m in attention_only.named_modules() if hasattr(m, "lora_A")} < lora
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels()).last_hidden_state,
+                                   reference(pixel_values=pixels()).last_hidden_state)  # fmt: skip
+
+
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets):
+    model = prepare_backbone(tiny_model("Dinov2Model"), "lora", lora_rank=2, lora_targets=targets)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained update: lora_B away from its zero start
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.5)
+        adapted = model(pixel_values=pixels()).last_hidden_state
+        merged = merge_lora(model)
+        assert merged.state_dict().keys() == tiny_model("Dinov2Model").state_dict().keys()
+        torch.testing.assert_close(merged(pixel_values=pixels()).last_hidden_state, adapted, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(adapted, tiny_model("Dinov2Model")(pixel_values=pixels()).last_hidden_state)
 
 
 @pytest.mark.parametrize("tuning", ["bias", "lora", "all"])
@@ -55,6 +86,8 @@ def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameter
 def test_bad_tuning_is_refused():
     with pytest.raises(ValueError, match="backbone tuning must be one of"):
         prepare_backbone(tiny_model("ViTModel"), "prefix")
+    with pytest.raises(ValueError, match="LoRA targets must be one of"):
+        prepare_backbone(tiny_model("ViTModel"), "lora", lora_targets="mlp")
 
 
 def load_train_script():
@@ -88,5 +121,20 @@ def test_lora_run_trains_the_lora_matrices_and_counts_them(workspace, tmp_path):
     backbone = AutoModel.from_pretrained(workspace / "backbone")
     layers, hidden = backbone.config.num_hidden_layers, backbone.config.hidden_size
     lora = layers * 3 * 2 * (2 * hidden)  # q, k, v: A (2 x D) and B (D x 2) each
+    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
+    assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora
+    # the saved backbone has LoRA merged: from_pretrained reads every weight, and only the adapted ones moved
+    tuned, info = AutoModel.from_pretrained(tmp_path / "backbone", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    original, tuned = AutoModel.from_pretrained(workspace / "backbone").state_dict(), tuned.state_dict()
+    changed = {k for k in original if not torch.equal(original[k], tuned[k])}
+    assert changed == {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))}
+
+
+def test_all_linear_lora_run_trains_every_block_linear_layer_and_counts_it(workspace, tmp_path):
+    summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_targets", "all-linear")
+    backbone = AutoModel.from_pretrained(workspace / "backbone")
+    linear = [m for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"\.\d+\.", n)]
+    lora = sum(2 * (m.in_features + m.out_features) for m in linear)  # A (2 x in) and B (out x 2) per layer
     probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
     assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora
