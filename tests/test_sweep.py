@@ -429,6 +429,22 @@ def test_transfer_from_trains_the_other_presets_choice_at_the_given_steps_withou
         sweep.main([*argv, "--preset", "gpu", "--transfer_from", "cpu", "--steps", "3", "--seeds", "0"])
 
 
+def test_cpu_long_is_the_cpu_preset_at_twice_its_longest_searched_budget(tmp_path):
+    """``--preset cpu-long --transfer_from cpu``: the cpu search's values, trained 400 steps unless --steps says."""
+    sweep = load_sweep()
+    cpu, long = sweep.PRESETS["cpu"], sweep.PRESETS["cpu-long"]
+    longest = cpu["base_steps"] * 2 ** (1 + sweep.STEP_EXTENSIONS)  # base, 2x, then doubled STEP_EXTENSIONS times
+    assert {k: v for k, v in long.items() if k != "base_steps"} == {k: v for k, v in cpu.items() if k != "base_steps"}
+    assert long["base_steps"] == 2 * longest == 400
+    final = tmp_path / "sweep-cpu" / "final"
+    final.mkdir(parents=True)
+    chosen = {"backbone_lr": 0.003, "steps": 200}
+    (final / "bitfit-seed0.json").write_text(json.dumps({"chosen": chosen, "search_trials": 6, "search_seeds": [0]}))
+    args = sweep.parse_args(["--preset", "cpu-long", "--transfer_from", "cpu", "--results_dir", str(tmp_path)])
+    values, origin = sweep.transferred(args, "bitfit")
+    assert values == {"backbone_lr": 0.003, "steps": 400} and origin["chosen"] == chosen and origin["preset"] == "cpu"
+
+
 @pytest.mark.parametrize("bad", [["--transfer_from", "cpu"], ["--steps", "5"],
                                  ["--preset", "gpu", "--transfer_from", "cpu", "--steps", "0"]])
 def test_transfer_options_refuse_what_cannot_mean_anything(bad):
