@@ -56,7 +56,7 @@ def test_adapter_uses_its_embeddings_and_order_is_kept():
 def test_two_processes_gather_every_item_once(tmp_path):
     script = tmp_path / "embed.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, torch
+        import os, sys, torch
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         from accelerate import Accelerator
         from test_extract import rows, collate
@@ -68,6 +68,9 @@ def test_two_processes_gather_every_item_once(tmp_path):
         if acc.is_main_process:
             torch.save({{"emb": emb, "labels": labels}}, {str(tmp_path / 'out.pt')!r})
         acc.end_training()  # destroys the process group: exiting with gloo's threads still up can abort
+        # and skip the interpreter's teardown: under load a torch thread still ending there aborts the process
+        # ("terminate called without an active exception") after the work is done
+        sys.stdout.flush(); os._exit(0)
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

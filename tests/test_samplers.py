@@ -214,7 +214,7 @@ def test_build_train_dataloader_resolves_the_default_batch_shape(preferred, expe
 # --- real 2-process DDP (gloo) ------------------------------------------------------------------------------
 
 DDP_SCRIPT = """
-import json, sys
+import json, os, sys
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -256,6 +256,9 @@ result = dict(world=acc.num_processes, type=str(acc.distributed_type), len=len(l
 with open(f"{out_dir}/rank{acc.process_index}.json", "w") as f:
     json.dump(result, f)
 acc.end_training()  # destroys the process group: a process exiting with gloo's threads still up can abort
+# and skip the interpreter's teardown: under load a torch thread still ending there aborts the process ("terminate
+# called without an active exception") after the work is done
+sys.stdout.flush(); os._exit(0)
 """
 
 
