@@ -7,7 +7,7 @@ head alone); what differs is which backbone parameters also train, at ``backbone
 * ``"bias"``: only the bias terms (BitFit, Ben Zaken et al., ACL 2022), updated in place;
 * ``"lora"``: peft's own LoRA (``peft.LoraConfig``, injected with ``peft.inject_adapter_in_model``) on the
   attention's query / key / value projections (``lora_targets="attention"``) or on every linear layer of the
-  transformer blocks (``"all-linear"``: peft's own selection, attention and MLP, less the pooling heads outside the
+  encoder blocks (``"all-linear"``: peft's own selection, attention and MLP, less the pooling heads outside the
   blocks, e.g. ViT's pooler or SigLIP's attention-pooling head, which the embedding does not use); only its
   ``lora_A`` / ``lora_B`` matrices train.
 """
@@ -19,6 +19,8 @@ from typing import Callable
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from prompt_peft.backbones import BackboneSpec
 
 BACKBONE_TUNINGS = ("all", "bias", "lora")
 # Attention input projections by their module names: ViT / DeiT / DINOv2 (query, key, value; q_proj, k_proj,
@@ -79,11 +81,13 @@ def merge_lora(backbone: nn.Module) -> nn.Module:
 
 
 def _outside_blocks(backbone: nn.Module) -> list[str] | None:
-    """Names of the linear layers outside the numbered transformer blocks (pooling heads), or None."""
+    """Names of the linear layers outside the encoder blocks (pooling heads), or None; the blocks are where
+    ``BackboneSpec`` finds them for the backbone's family."""
+    blocks = BackboneSpec.from_model(backbone).block_list + "."
     names = [
         name
         for name, module in backbone.named_modules()
-        if isinstance(module, nn.Linear) and not any(part.isdigit() for part in name.split("."))
+        if isinstance(module, nn.Linear) and not name.startswith(blocks)
     ]
     return names or None  # peft warns about an exclusion that excludes nothing
 

@@ -32,11 +32,15 @@ def test_lora_sits_on_every_attention_projection_and_starts_as_the_identity(name
                                    reference(pixel_values=pixels()).last_hidden_state)  # fmt: skip
 
 
+def block_linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """An independent reading of "the blocks' linear layers": those inside a numbered module list."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"\.\d+\.", n)}
+
+
 @pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model", "SiglipVisionModel", "TimmWrapperModel", "DINOv3ViTModel"])
 def test_all_linear_lora_sits_on_every_linear_layer_of_the_blocks_and_nowhere_else(name):
     reference = tiny_model(name)
-    # an independent reading of "the blocks' linear layers": inside a numbered module list
-    in_blocks = {n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"\.\d+\.", n)}
+    in_blocks = set(block_linear_layers(reference))
     model = prepare_backbone(tiny_model(name), "lora", lora_rank=2, lora_targets="all-linear")
     lora = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, torch.nn.Linear)}
     assert lora == in_blocks and any(".mlp." in n for n in lora)  # attention and MLP
@@ -134,7 +138,6 @@ def test_lora_run_trains_the_lora_matrices_and_counts_them(workspace, tmp_path):
 def test_all_linear_lora_run_trains_every_block_linear_layer_and_counts_it(workspace, tmp_path):
     summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_targets", "all-linear")
     backbone = AutoModel.from_pretrained(workspace / "backbone")
-    linear = [m for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"\.\d+\.", n)]
-    lora = sum(2 * (m.in_features + m.out_features) for m in linear)  # A (2 x in) and B (out x 2) per layer
+    lora = sum(2 * (m.in_features + m.out_features) for m in block_linear_layers(backbone).values())  # A (2 x in) and B (out x 2) per layer
     probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
     assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora
