@@ -90,6 +90,13 @@ ROWS = {
         {"num_prompts": 0},
         {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8},
     ),
+    # peft's LoraConfig(bias="all"): the LoRA matrices and every backbone bias
+    "lora_bias": Row(
+        "LoRA + BitFit (peft, q/k/v, rank 8, bias='all')",
+        "vpt",
+        {"num_prompts": 0},
+        {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8, "lora_bias": "all"},
+    ),
 }
 METRICS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
            ("map@r", "MAP@R"), ("r_precision", "R-Prec")]  # fmt: skip

@@ -149,6 +149,7 @@ SPACES = {
     "frpt": Space(1e-3, length_key="ce_loss_weight", lengths=(0.0,)),
     "bitfit": Space(1e-3, lr_key="backbone_lr"),
     "lora": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
+    "lora_bias": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
 }
 
 

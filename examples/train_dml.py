@@ -39,7 +39,7 @@ from transformers import AutoImageProcessor, HfArgumentParser
 
 import prompt_peft
 from prompt_peft.backbones import load_backbone
-from prompt_peft.backbone_tuning import LORA_TARGETS, backbone_parameter_filter, merge_lora, prepare_backbone
+from prompt_peft.backbone_tuning import LORA_BIASES, LORA_TARGETS, backbone_parameter_filter, merge_lora, prepare_backbone
 from prompt_peft.config_checks import (
     ConfigError,
     check_settings,
@@ -155,7 +155,7 @@ class TrainArguments:
         default="all",
         metadata={
             "help": "With --backbone_lr, which backbone parameters train: 'all' (full fine-tuning), 'bias' (BitFit) "
-            "or 'lora' (peft's LoRA, --lora_rank, --lora_targets)."
+            "or 'lora' (peft's LoRA, --lora_rank, --lora_targets, --lora_bias)."
         },
     )
     lora_rank: int = field(default=8, metadata={"help": "Rank of --backbone_tuning lora."})
@@ -165,6 +165,14 @@ class TrainArguments:
             "help": "Layers of --backbone_tuning lora: 'attention' (query / key / value projections) or 'all-linear' "
             "(attention and MLP, peft's own selection).",
             "choices": sorted(LORA_TARGETS),
+        },
+    )
+    lora_bias: str = field(
+        default="none",
+        metadata={
+            "help": "peft's LoraConfig.bias for --backbone_tuning lora: 'none' (only the LoRA matrices train) or 'all' "
+            "(every backbone bias trains as well: LoRA and BitFit together).",
+            "choices": list(LORA_BIASES),
         },
     )
     activation_checkpointing: bool = field(
@@ -234,7 +242,11 @@ def build_model(model_args: ModelArguments, num_classes: int, train_args: Option
     backbone = load_backbone(model_args.backbone)
     if train_args is not None and train_args.backbone_lr:
         backbone = prepare_backbone(
-            backbone, train_args.backbone_tuning, lora_rank=train_args.lora_rank, lora_targets=train_args.lora_targets
+            backbone,
+            train_args.backbone_tuning,
+            lora_rank=train_args.lora_rank,
+            lora_targets=train_args.lora_targets,
+            lora_bias=train_args.lora_bias,
         )
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card
@@ -327,7 +339,7 @@ def run(argv=None):
         proxy_lr=train_args.proxy_lr,
         weight_decay=train_args.weight_decay,
         backbone_lr=train_args.backbone_lr,
-        backbone_params=backbone_parameter_filter(train_args.backbone_tuning),
+        backbone_params=backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias),
     )
     if train_args.backbone_lr:  # DDP needs a gradient for every trainable parameter (not ViT's pooler)
         freeze_unused_backbone_parameters(model, next(iter(fit_loader))["pixel_values"][:1])
@@ -456,7 +468,7 @@ def run(argv=None):
     parameters = unwrapped.base_model.get_parameter_counts()
     if train_args.backbone_lr:  # the fine-tuned backbone is part of what is trained, stored and run
         backbone_size = unwrapped.base_model.backbone_parameter_count(
-            backbone_parameter_filter(train_args.backbone_tuning)
+            backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias)
         )
         parameters = {k: v + backbone_size for k, v in parameters.items()}
     summary = {

@@ -8,8 +8,9 @@ head alone); what differs is which backbone parameters also train, at ``backbone
 * ``"lora"``: peft's own LoRA (``peft.LoraConfig``, injected with ``peft.inject_adapter_in_model``) on the
   attention's query / key / value projections (``lora_targets="attention"``) or on every linear layer of the
   encoder blocks (``"all-linear"``: peft's own selection, attention and MLP, less the pooling heads outside the
-  blocks, e.g. ViT's pooler or SigLIP's attention-pooling head, which the embedding does not use); only its
-  ``lora_A`` / ``lora_B`` matrices train.
+  blocks, e.g. ViT's pooler or SigLIP's attention-pooling head, which the embedding does not use); its
+  ``lora_A`` / ``lora_B`` matrices train, and with ``lora_bias="all"`` (peft's ``LoraConfig(bias="all")``)
+  every bias of the backbone as well: LoRA and BitFit together.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", 
 # what --lora_targets names: peft's target_modules for each
 LORA_TARGETS = {"attention": list(ATTENTION_PROJECTIONS), "all-linear": "all-linear"}
 LORA_ADAPTER = "backbone_lora"
+# peft's LoraConfig.bias values that this module supports: no bias trains, or every bias of the backbone does
+LORA_BIASES = ("none", "all")
 
 
-def _check(tuning: str) -> None:
+def _check(tuning: str, lora_bias: str = "none") -> None:
     if tuning not in BACKBONE_TUNINGS:
         raise ValueError(f"backbone tuning must be one of {BACKBONE_TUNINGS}, got {tuning!r}")
+    if lora_bias not in LORA_BIASES:
+        raise ValueError(f"LoRA bias must be one of {LORA_BIASES}, got {lora_bias!r}")
+    if lora_bias != "none" and tuning != "lora":
+        raise ValueError(f"LoRA bias {lora_bias!r} needs backbone tuning 'lora', got {tuning!r}")
 
 
 def prepare_backbone(
@@ -44,11 +51,13 @@ def prepare_backbone(
     lora_rank: int = 8,
     lora_alpha: float | None = None,
     lora_targets: str = "attention",
+    lora_bias: str = "none",
 ):
     """``backbone`` ready for ``tuning``: with ``"lora"``, LoRA of rank ``lora_rank`` (alpha default ``2 ×``
-    rank, dropout 0) injected into the layers ``lora_targets`` names (a key of ``LORA_TARGETS``; in place: the
-    model class is unchanged, so a prompt_peft adapter can wrap it next). Other tunings change nothing here."""
-    _check(tuning)
+    rank, dropout 0, peft's ``bias=lora_bias``) injected into the layers ``lora_targets`` names (a key of
+    ``LORA_TARGETS``; in place: the model class is unchanged, so a prompt_peft adapter can wrap it next). Other
+    tunings change nothing here."""
+    _check(tuning, lora_bias)
     if lora_targets not in LORA_TARGETS:
         raise ValueError(f"LoRA targets must be one of {sorted(LORA_TARGETS)}, got {lora_targets!r}")
     if tuning != "lora":
@@ -57,6 +66,7 @@ def prepare_backbone(
         r=lora_rank,
         lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha,
         lora_dropout=0.0,
+        bias=lora_bias,
         target_modules=LORA_TARGETS[lora_targets],
         exclude_modules=_outside_blocks(backbone) if lora_targets == "all-linear" else None,
     )
@@ -92,11 +102,19 @@ def _outside_blocks(backbone: nn.Module) -> list[str] | None:
     return names or None  # peft warns about an exclusion that excludes nothing
 
 
-def backbone_parameter_filter(tuning: str) -> Callable[[str], bool]:
-    """``name -> bool``: which parameters without a prompt_peft role train under ``tuning``."""
-    _check(tuning)
+def backbone_parameter_filter(tuning: str, lora_bias: str = "none") -> Callable[[str], bool]:
+    """``name -> bool``: which parameters without a prompt_peft role train under ``tuning`` (and, for
+    ``"lora"``, ``lora_bias``)."""
+    _check(tuning, lora_bias)
+
+    def is_bias(name: str) -> bool:
+        return name.rsplit(".", 1)[-1] == "bias"
+
+    def is_lora(name: str) -> bool:
+        return ".lora_A." in name or ".lora_B." in name
+
     if tuning == "bias":
-        return lambda name: name.rsplit(".", 1)[-1] == "bias"
+        return is_bias
     if tuning == "lora":
-        return lambda name: ".lora_A." in name or ".lora_B." in name
+        return (lambda name: is_lora(name) or is_bias(name)) if lora_bias == "all" else is_lora
     return lambda name: True

@@ -121,7 +121,9 @@ def test_a_trial_record_of_another_seed_is_refused(monkeypatch, tmp_path):
     assert sweep.trial_stem(args, values, 0) == sweep.trial_name(values) + "-seed0"  # seed 0's own record name
 
 
-@pytest.mark.parametrize("name", ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora"])
+@pytest.mark.parametrize(
+    "name", ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora", "lora_bias"]
+)
 def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alternatives(monkeypatch, tmp_path, name):
     """The starting length is the row's fixed-protocol value or, when the row leaves it to the method, the
     config's default (SemanticProxyVPT: num_prompts 10); stage 3 tries the row's alternatives at the best rate."""
@@ -138,7 +140,7 @@ def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alte
         assert start == sweep.prompt_peft.SemanticProxyVPTConfig().num_prompts == 10
     command = sweep.train_command(args, name, chosen, 0, tmp_path, eval_test=False)
     options = json.loads(command[command.index("--method_kwargs") + 1])
-    if name == "lora":  # the rank is a training setting (peft's LoraConfig), not an option of the method
+    if name in ("lora", "lora_bias"):  # the rank is a training setting (peft's LoraConfig), not an option of the method
         assert f"--{space.length_key}" in command and space.length_key not in options
     else:  # a method option, which train_dml.py's parser would refuse as a flag
         assert options[space.length_key] == start and f"--{space.length_key}" not in command
