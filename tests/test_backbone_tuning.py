@@ -66,12 +66,12 @@ def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets):
         assert not torch.allclose(adapted, tiny_model("Dinov2Model")(pixel_values=pixels()).last_hidden_state)
 
 
-@pytest.mark.parametrize("tuning", ["bias", "lora", "all"])
-def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameters(tuning):
-    backbone = prepare_backbone(tiny_model("ViTModel"), tuning, lora_rank=2)
+@pytest.mark.parametrize(("tuning", "lora_bias"), [("bias", "none"), ("lora", "none"), ("lora", "all"), ("all", "none")])
+def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameters(tuning, lora_bias):
+    backbone = prepare_backbone(tiny_model("ViTModel"), tuning, lora_rank=2, lora_bias=lora_bias)
     model = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=8, num_classes=3))
     head = set(parameter_roles(model))  # the prompt_peft head's parameters
-    accept = backbone_parameter_filter(tuning)
+    accept = backbone_parameter_filter(tuning, lora_bias)
     optimizer = build_optimizer(model, lr=1e-3, backbone_lr=1e-3, backbone_params=accept)
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     expected = {id(p) for n, p in model.named_parameters() if (id(p) in head and p.requires_grad) or accept(n)}
@@ -79,6 +79,11 @@ def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameter
     names = [n for n, p in model.named_parameters() if id(p) in trained and id(p) not in head]
     if tuning == "bias":
         assert names and all(n.endswith(".bias") for n in names)
+    elif lora_bias == "all":  # LoRA + BitFit: the LoRA matrices and every bias of the backbone, nothing else
+        lora = [n for n in names if ".lora_A." in n or ".lora_B." in n]
+        biases = [n for n in names if n.endswith(".bias")]
+        assert lora and len(lora) + len(biases) == len(names)
+        assert len(biases) == sum(1 for n, _ in tiny_model("ViTModel").named_parameters() if n.endswith(".bias"))
     elif tuning == "lora":
         assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     else:
@@ -92,6 +97,10 @@ def test_bad_tuning_is_refused():
         prepare_backbone(tiny_model("ViTModel"), "prefix")
     with pytest.raises(ValueError, match="LoRA targets must be one of"):
         prepare_backbone(tiny_model("ViTModel"), "lora", lora_targets="mlp")
+    with pytest.raises(ValueError, match="LoRA bias must be one of"):
+        prepare_backbone(tiny_model("ViTModel"), "lora", lora_bias="lora_only")
+    with pytest.raises(ValueError, match="LoRA bias 'all' needs backbone tuning 'lora'"):
+        backbone_parameter_filter("bias", "all")
 
 
 def load_train_script():
@@ -141,3 +150,21 @@ def test_all_linear_lora_run_trains_every_block_linear_layer_and_counts_it(works
     lora = sum(2 * (m.in_features + m.out_features) for m in block_linear_layers(backbone).values())  # A (2 x in) and B (out x 2) per layer
     probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
     assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora
+
+
+def test_lora_with_biases_run_trains_lora_and_every_bias_and_counts_them(workspace, tmp_path):
+    """peft's LoraConfig(bias="all"): LoRA and BitFit together; the saved backbone has both folded in."""
+    summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all")
+    original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
+    backbone = AutoModel.from_pretrained(workspace / "backbone")
+    layers, hidden = backbone.config.num_hidden_layers, backbone.config.hidden_size
+    lora = layers * 3 * 2 * (2 * hidden)  # q, k, v: A (2 x D) and B (D x 2) each
+    biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
+    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
+    assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora + biases
+    tuned, info = AutoModel.from_pretrained(tmp_path / "backbone", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(original[k], v)}
+    adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))}
+    assert adapted <= changed and any(k.endswith("bias") for k in changed)
+    assert changed <= adapted | {k for k in original if k.endswith("bias")}
