@@ -217,9 +217,18 @@ def parse_args(argv=None):
         settings = parser.parse_args_into_dataclasses(args=argv)
         check_settings(settings)
         method_options(settings[0])
+        backbone_tuning_options(settings[2])
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")  # one line, before any model loads
     return settings
+
+
+def backbone_tuning_options(train_args: TrainArguments) -> None:
+    """--backbone_tuning and --lora_bias make sense together (checked before any model loads)."""
+    try:
+        backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias)
+    except ValueError as error:
+        raise ConfigError(f"--backbone_tuning / --lora_bias: {error}") from None
 
 
 def method_options(model_args: ModelArguments) -> dict:

@@ -196,6 +196,13 @@ CLI_CASES = [
         r"num_prototypes must be an integer, got True \(bool\)",
     ),
     ("cli_unknown_method", ["--method", "lora"], r"--method must be one of"),
+    ("cli_unknown_backbone_tuning", ["--backbone_tuning", "prefix"], r"backbone tuning must be one of"),
+    (
+        "cli_lora_bias_without_lora",
+        ["--backbone_tuning", "bias", "--lora_bias", "all"],
+        r"LoRA bias 'all' needs backbone tuning 'lora', got 'bias'",
+    ),
+    ("cli_unknown_lora_bias", ["--lora_bias", "lora_only"], r"argument --lora_bias.*invalid choice: .lora_only."),
     ("cli_absurd_batch", ["--batch_size", "10000000"], r"batch_size=10000000 is far beyond"),
     ("cli_zero_embedding_dim", ["--embedding_dim", "0"], r"embedding_dim must be a positive integer"),
     ("cli_float_seed", ["--seed", "1.7"], r"argument --seed: invalid int value"),
