@@ -97,6 +97,19 @@ ROWS = {
         {"num_prompts": 0},
         {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8, "lora_bias": "all"},
     ),
+    # the same on every linear layer of the blocks (attention and MLP: peft's all-linear)
+    "lora_bias_all_linear": Row(
+        "LoRA + BitFit, all linear layers (peft, rank 8, bias='all')",
+        "vpt",
+        {"num_prompts": 0},
+        {
+            "backbone_lr": 1e-3,
+            "backbone_tuning": "lora",
+            "lora_rank": 8,
+            "lora_bias": "all",
+            "lora_targets": "all-linear",
+        },
+    ),
 }
 METRICS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
            ("map@r", "MAP@R"), ("r_precision", "R-Prec")]  # fmt: skip

@@ -150,6 +150,7 @@ SPACES = {
     "bitfit": Space(1e-3, lr_key="backbone_lr"),
     "lora": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
     "lora_bias": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
+    "lora_bias_all_linear": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
 }
 
 

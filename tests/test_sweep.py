@@ -122,7 +122,8 @@ def test_a_trial_record_of_another_seed_is_refused(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora", "lora_bias"]
+    "name",
+    ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora", "lora_bias", "lora_bias_all_linear"],
 )
 def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alternatives(monkeypatch, tmp_path, name):
     """The starting length is the row's fixed-protocol value or, when the row leaves it to the method, the
@@ -140,7 +141,7 @@ def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alte
         assert start == sweep.prompt_peft.SemanticProxyVPTConfig().num_prompts == 10
     command = sweep.train_command(args, name, chosen, 0, tmp_path, eval_test=False)
     options = json.loads(command[command.index("--method_kwargs") + 1])
-    if name in ("lora", "lora_bias"):  # the rank is a training setting (peft's LoraConfig), not an option of the method
+    if name.startswith("lora"):  # the rank is a training setting (peft's LoraConfig), not an option of the method
         assert f"--{space.length_key}" in command and space.length_key not in options
     else:  # a method option, which train_dml.py's parser would refuse as a flag
         assert options[space.length_key] == start and f"--{space.length_key}" not in command
