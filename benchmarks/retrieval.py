@@ -72,6 +72,8 @@ class Row:
     train_args: dict = field(default_factory=dict)
 
 
+# the training settings every LoRA row starts from (the rows below add to them)
+LORA_ARGS = {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8}
 ROWS = {
     "frozen": Row("Frozen backbone", None),
     "linear_probe": Row("Linear probe (head only)", "vpt", {"num_prompts": 0}),
@@ -84,31 +86,17 @@ ROWS = {
     "frpt": Row("FRPT", "frpt", {"ce_loss_weight": 1.0}),  # the default, spelled out for sweep.py's search
     # what users would pick instead, with the same head and loss (prompt_peft.backbone_tuning)
     "bitfit": Row("BitFit (biases)", "vpt", {"num_prompts": 0}, {"backbone_lr": 1e-3, "backbone_tuning": "bias"}),
-    "lora": Row(
-        "LoRA (peft, q/k/v, rank 8)",
-        "vpt",
-        {"num_prompts": 0},
-        {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8},
-    ),
+    "lora": Row("LoRA (peft, q/k/v, rank 8)", "vpt", {"num_prompts": 0}, LORA_ARGS),
     # peft's LoraConfig(bias="all"): the LoRA matrices and every backbone bias
     "lora_bias": Row(
-        "LoRA + BitFit (peft, q/k/v, rank 8, bias='all')",
-        "vpt",
-        {"num_prompts": 0},
-        {"backbone_lr": 1e-3, "backbone_tuning": "lora", "lora_rank": 8, "lora_bias": "all"},
+        "LoRA + BitFit (peft, q/k/v, rank 8, bias='all')", "vpt", {"num_prompts": 0}, {**LORA_ARGS, "lora_bias": "all"}
     ),
     # the same on every linear layer of the blocks (attention and MLP: peft's all-linear)
     "lora_bias_all_linear": Row(
         "LoRA + BitFit, all linear layers (peft, rank 8, bias='all')",
         "vpt",
         {"num_prompts": 0},
-        {
-            "backbone_lr": 1e-3,
-            "backbone_tuning": "lora",
-            "lora_rank": 8,
-            "lora_bias": "all",
-            "lora_targets": "all-linear",
-        },
+        {**LORA_ARGS, "lora_bias": "all", "lora_targets": "all-linear"},
     ),
 }
 METRICS = [("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),

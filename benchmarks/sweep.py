@@ -135,6 +135,8 @@ class Space:
     lengths: tuple = ()  # alternatives to the row's own value, tried in stage 3
 
 
+# every LoRA row: the backbone's rate, then the rank as its length
+LORA_SPACE = Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16))
 SPACES = {
     "linear_probe": Space(1e-3),
     "full_finetune": Space(1e-5, lr_key="backbone_lr"),
@@ -148,9 +150,9 @@ SPACES = {
     # Proxy-Anchor), on or off
     "frpt": Space(1e-3, length_key="ce_loss_weight", lengths=(0.0,)),
     "bitfit": Space(1e-3, lr_key="backbone_lr"),
-    "lora": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
-    "lora_bias": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
-    "lora_bias_all_linear": Space(1e-3, lr_key="backbone_lr", length_key="lora_rank", lengths=(4, 16)),
+    "lora": LORA_SPACE,
+    "lora_bias": LORA_SPACE,  # searched exactly like LoRA
+    "lora_bias_all_linear": LORA_SPACE,
 }
 
 

@@ -103,6 +103,11 @@ def test_bad_tuning_is_refused():
         backbone_parameter_filter("bias", "all")
 
 
+def attention_lora_size(backbone, rank: int) -> int:
+    """LoRA's parameter count on q, k and v of every block: A (rank x D) and B (D x rank) each."""
+    return backbone.config.num_hidden_layers * 3 * 2 * (rank * backbone.config.hidden_size)
+
+
 def load_train_script():
     return _load("examples/train_dml.py", "train_dml_tuning")
 
@@ -132,8 +137,7 @@ def test_bitfit_run_changes_only_the_backbone_biases(workspace, tmp_path):
 def test_lora_run_trains_the_lora_matrices_and_counts_them(workspace, tmp_path):
     summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2")
     backbone = AutoModel.from_pretrained(workspace / "backbone")
-    layers, hidden = backbone.config.num_hidden_layers, backbone.config.hidden_size
-    lora = layers * 3 * 2 * (2 * hidden)  # q, k, v: A (2 x D) and B (D x 2) each
+    lora = attention_lora_size(backbone, rank=2)
     probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
     assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora
     # the saved backbone has LoRA merged: from_pretrained reads every weight, and only the adapted ones moved
@@ -157,8 +161,7 @@ def test_lora_with_biases_run_trains_lora_and_every_bias_and_counts_them(workspa
     summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all")
     original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
     backbone = AutoModel.from_pretrained(workspace / "backbone")
-    layers, hidden = backbone.config.num_hidden_layers, backbone.config.hidden_size
-    lora = layers * 3 * 2 * (2 * hidden)  # q, k, v: A (2 x D) and B (D x 2) each
+    lora = attention_lora_size(backbone, rank=2)
     biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
     probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
     assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora + biases
