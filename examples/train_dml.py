@@ -155,7 +155,7 @@ class TrainArguments:
         default="all",
         metadata={
             "help": "With --backbone_lr, which backbone parameters train: 'all' (full fine-tuning), 'bias' (BitFit) "
-            "or 'lora' (peft's LoRA, --lora_rank, --lora_targets, --lora_bias)."
+            "or 'lora' (peft's LoRA, --lora_rank, --lora_targets, --lora_bias, --lora_dora)."
         },
     )
     lora_rank: int = field(default=8, metadata={"help": "Rank of --backbone_tuning lora."})
@@ -173,6 +173,13 @@ class TrainArguments:
             "help": "peft's LoraConfig.bias for --backbone_tuning lora: 'none' (only the LoRA matrices train) or 'all' "
             "(every backbone bias trains as well: LoRA and BitFit together).",
             "choices": list(LORA_BIASES),
+        },
+    )
+    lora_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "peft's DoRA for --backbone_tuning lora (LoraConfig(use_dora=True)): a trained magnitude per "
+            "output feature of each adapted weight as well."
         },
     )
     activation_checkpointing: bool = field(
@@ -224,11 +231,11 @@ def parse_args(argv=None):
 
 
 def backbone_tuning_options(train_args: TrainArguments) -> None:
-    """--backbone_tuning and --lora_bias make sense together (checked before any model loads)."""
+    """--backbone_tuning, --lora_bias and --lora_dora make sense together (checked before any model loads)."""
     try:
-        backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias)
+        backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias, train_args.lora_dora)
     except ValueError as error:
-        raise ConfigError(f"--backbone_tuning / --lora_bias: {error}") from None
+        raise ConfigError(f"--backbone_tuning / --lora_bias / --lora_dora: {error}") from None
 
 
 def method_options(model_args: ModelArguments) -> dict:
@@ -256,6 +263,7 @@ def build_model(model_args: ModelArguments, num_classes: int, train_args: Option
             lora_rank=train_args.lora_rank,
             lora_targets=train_args.lora_targets,
             lora_bias=train_args.lora_bias,
+            lora_dora=train_args.lora_dora,
         )
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card

@@ -10,7 +10,9 @@ head alone); what differs is which backbone parameters also train, at ``backbone
   encoder blocks (``"all-linear"``: peft's own selection, attention and MLP, less the pooling heads outside the
   blocks, e.g. ViT's pooler or SigLIP's attention-pooling head, which the embedding does not use); its
   ``lora_A`` / ``lora_B`` matrices train, and with ``lora_bias="all"`` (peft's ``LoraConfig(bias="all")``)
-  every bias of the backbone as well: LoRA and BitFit together.
+  every bias of the backbone as well: LoRA and BitFit together; with ``lora_dora=True`` peft's DoRA
+  (``LoraConfig(use_dora=True)``, Liu et al., ICML 2024) also trains a magnitude per output feature of each
+  adapted weight.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ LORA_ADAPTER = "backbone_lora"
 LORA_BIASES = ("none", "all")
 
 
-def _check(tuning: str, lora_bias: str = "none") -> None:
+def _check(tuning: str, lora_bias: str = "none", lora_dora: bool = False) -> None:
     if tuning not in BACKBONE_TUNINGS:
         raise ValueError(f"backbone tuning must be one of {BACKBONE_TUNINGS}, got {tuning!r}")
     if lora_bias not in LORA_BIASES:
         raise ValueError(f"LoRA bias must be one of {LORA_BIASES}, got {lora_bias!r}")
     if lora_bias != "none" and tuning != "lora":
         raise ValueError(f"LoRA bias {lora_bias!r} needs backbone tuning 'lora', got {tuning!r}")
+    if lora_dora and tuning != "lora":
+        raise ValueError(f"DoRA needs backbone tuning 'lora', got {tuning!r}")
 
 
 def prepare_backbone(
@@ -52,12 +56,13 @@ def prepare_backbone(
     lora_alpha: float | None = None,
     lora_targets: str = "attention",
     lora_bias: str = "none",
+    lora_dora: bool = False,
 ):
     """``backbone`` ready for ``tuning``: with ``"lora"``, LoRA of rank ``lora_rank`` (alpha default ``2 ×``
-    rank, dropout 0, peft's ``bias=lora_bias``) injected into the layers ``lora_targets`` names (a key of
+    rank, dropout 0, peft's ``bias=lora_bias`` and ``use_dora=lora_dora``) injected into the layers ``lora_targets`` names (a key of
     ``LORA_TARGETS``; in place: the model class is unchanged, so a prompt_peft adapter can wrap it next). Other
     tunings change nothing here."""
-    _check(tuning, lora_bias)
+    _check(tuning, lora_bias, lora_dora)
     if lora_targets not in LORA_TARGETS:
         raise ValueError(f"LoRA targets must be one of {sorted(LORA_TARGETS)}, got {lora_targets!r}")
     if tuning != "lora":
@@ -67,6 +72,7 @@ def prepare_backbone(
         lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha,
         lora_dropout=0.0,
         bias=lora_bias,
+        use_dora=lora_dora,
         target_modules=LORA_TARGETS[lora_targets],
         exclude_modules=_outside_blocks(backbone) if lora_targets == "all-linear" else None,
     )
@@ -102,16 +108,16 @@ def _outside_blocks(backbone: nn.Module) -> list[str] | None:
     return names or None  # peft warns about an exclusion that excludes nothing
 
 
-def backbone_parameter_filter(tuning: str, lora_bias: str = "none") -> Callable[[str], bool]:
+def backbone_parameter_filter(tuning: str, lora_bias: str = "none", lora_dora: bool = False) -> Callable[[str], bool]:
     """``name -> bool``: which parameters without a prompt_peft role train under ``tuning`` (and, for
-    ``"lora"``, ``lora_bias``)."""
-    _check(tuning, lora_bias)
+    ``"lora"``, ``lora_bias``; ``lora_dora`` is only checked: DoRA's magnitudes are LoRA parameters)."""
+    _check(tuning, lora_bias, lora_dora)
 
     def is_bias(name: str) -> bool:
         return name.rsplit(".", 1)[-1] == "bias"
 
-    def is_lora(name: str) -> bool:
-        return ".lora_A." in name or ".lora_B." in name
+    def is_lora(name: str) -> bool:  # the magnitudes exist only under DoRA
+        return any(f".{part}." in name for part in ("lora_A", "lora_B", "lora_magnitude_vector"))
 
     if tuning == "bias":
         return is_bias

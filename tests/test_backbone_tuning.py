@@ -51,14 +51,16 @@ def test_all_linear_lora_sits_on_every_linear_layer_of_the_blocks_and_nowhere_el
                                    reference(pixel_values=pixels()).last_hidden_state)  # fmt: skip
 
 
-@pytest.mark.parametrize("targets", ["attention", "all-linear"])
-def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets):
-    model = prepare_backbone(tiny_model("Dinov2Model"), "lora", lora_rank=2, lora_targets=targets)
+@pytest.mark.parametrize(("targets", "dora"), [("attention", False), ("all-linear", False), ("attention", True)])
+def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets, dora):
+    model = prepare_backbone(tiny_model("Dinov2Model"), "lora", lora_rank=2, lora_targets=targets, lora_dora=dora)
     torch.manual_seed(0)
-    with torch.no_grad():  # a trained update: lora_B away from its zero start
+    with torch.no_grad():  # a trained update: lora_B away from its zero start, DoRA's magnitudes away from the norms
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_(std=0.5)
+            if ".lora_magnitude_vector." in name:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
         adapted = model(pixel_values=pixels()).last_hidden_state
         merged = merge_lora(model)
         assert merged.state_dict().keys() == tiny_model("Dinov2Model").state_dict().keys()
@@ -66,12 +68,15 @@ def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets):
         assert not torch.allclose(adapted, tiny_model("Dinov2Model")(pixel_values=pixels()).last_hidden_state)
 
 
-@pytest.mark.parametrize(("tuning", "lora_bias"), [("bias", "none"), ("lora", "none"), ("lora", "all"), ("all", "none")])
-def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameters(tuning, lora_bias):
-    backbone = prepare_backbone(tiny_model("ViTModel"), tuning, lora_rank=2, lora_bias=lora_bias)
+@pytest.mark.parametrize(
+    ("tuning", "lora_bias", "dora"),
+    [("bias", "none", False), ("lora", "none", False), ("lora", "all", False), ("lora", "all", True), ("all", "none", False)],
+)
+def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameters(tuning, lora_bias, dora):
+    backbone = prepare_backbone(tiny_model("ViTModel"), tuning, lora_rank=2, lora_bias=lora_bias, lora_dora=dora)
     model = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=8, num_classes=3))
     head = set(parameter_roles(model))  # the prompt_peft head's parameters
-    accept = backbone_parameter_filter(tuning, lora_bias)
+    accept = backbone_parameter_filter(tuning, lora_bias, dora)
     optimizer = build_optimizer(model, lr=1e-3, backbone_lr=1e-3, backbone_params=accept)
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     expected = {id(p) for n, p in model.named_parameters() if (id(p) in head and p.requires_grad) or accept(n)}
@@ -81,8 +86,10 @@ def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameter
         assert names and all(n.endswith(".bias") for n in names)
     elif lora_bias == "all":  # LoRA + BitFit: the LoRA matrices and every bias of the backbone, nothing else
         lora = [n for n in names if ".lora_A." in n or ".lora_B." in n]
+        magnitudes = [n for n in names if ".lora_magnitude_vector." in n]  # DoRA: one per adapted layer
         biases = [n for n in names if n.endswith(".bias")]
-        assert lora and len(lora) + len(biases) == len(names)
+        assert lora and len(lora) + len(magnitudes) + len(biases) == len(names)
+        assert len(magnitudes) == (len(lora) // 2 if dora else 0)
         assert len(biases) == sum(1 for n, _ in tiny_model("ViTModel").named_parameters() if n.endswith(".bias"))
     elif tuning == "lora":
         assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
@@ -101,6 +108,8 @@ def test_bad_tuning_is_refused():
         prepare_backbone(tiny_model("ViTModel"), "lora", lora_bias="lora_only")
     with pytest.raises(ValueError, match="LoRA bias 'all' needs backbone tuning 'lora'"):
         backbone_parameter_filter("bias", "all")
+    with pytest.raises(ValueError, match="DoRA needs backbone tuning 'lora'"):
+        prepare_backbone(tiny_model("ViTModel"), "bias", lora_dora=True)
 
 
 def attention_lora_size(backbone, rank: int) -> int:
@@ -171,3 +180,22 @@ def test_lora_with_biases_run_trains_lora_and_every_bias_and_counts_them(workspa
     adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))}
     assert adapted <= changed and any(k.endswith("bias") for k in changed)
     assert changed <= adapted | {k for k in original if k.endswith("bias")}
+
+
+def test_dora_run_trains_lora_its_magnitudes_and_every_bias_and_saves_them_merged(workspace, tmp_path):
+    """peft's LoraConfig(use_dora=True) with bias="all": a magnitude per output feature of q, k and v as well."""
+    summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all",
+                    "--lora_dora", "true")  # fmt: skip
+    original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
+    backbone = AutoModel.from_pretrained(workspace / "backbone")
+    magnitudes = backbone.config.num_hidden_layers * 3 * backbone.config.hidden_size
+    lora = attention_lora_size(backbone, rank=2)
+    biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
+    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
+    expected = probe.base_model.get_parameter_counts()["trainable"] + lora + magnitudes + biases
+    assert summary["parameters"]["trainable"] == expected
+    tuned, info = AutoModel.from_pretrained(tmp_path / "backbone", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(original[k], v)}
+    adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))}
+    assert adapted <= changed <= adapted | {k for k in original if k.endswith("bias")}
