@@ -91,6 +91,13 @@ ROWS = {
     "lora_bias": Row(
         "LoRA + BitFit (peft, q/k/v, rank 8, bias='all')", "vpt", {"num_prompts": 0}, {**LORA_ARGS, "lora_bias": "all"}
     ),
+    # the same on the attention's output projection as well
+    "lora_bias_attention_all": Row(
+        "LoRA + BitFit, q/k/v/o (peft, rank 8, bias='all')",
+        "vpt",
+        {"num_prompts": 0},
+        {**LORA_ARGS, "lora_bias": "all", "lora_targets": "attention-all"},
+    ),
     # the same on every linear layer of the blocks (attention and MLP: peft's all-linear)
     "lora_bias_all_linear": Row(
         "LoRA + BitFit, all linear layers (peft, rank 8, bias='all')",

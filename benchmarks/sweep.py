@@ -152,6 +152,7 @@ SPACES = {
     "bitfit": Space(1e-3, lr_key="backbone_lr"),
     "lora": LORA_SPACE,
     "lora_bias": LORA_SPACE,  # searched exactly like LoRA
+    "lora_bias_attention_all": LORA_SPACE,
     "lora_bias_all_linear": LORA_SPACE,
 }
 

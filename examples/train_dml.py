@@ -162,8 +162,9 @@ class TrainArguments:
     lora_targets: str = field(
         default="attention",
         metadata={
-            "help": "Layers of --backbone_tuning lora: 'attention' (query / key / value projections) or 'all-linear' "
-            "(attention and MLP, peft's own selection).",
+            "help": "Layers of --backbone_tuning lora: 'attention' (query / key / value projections), "
+            "'attention-all' (those and the attention's output projection) or 'all-linear' (attention and MLP, "
+            "peft's own selection).",
             "choices": sorted(LORA_TARGETS),
         },
     )

@@ -6,7 +6,8 @@ head alone); what differs is which backbone parameters also train, at ``backbone
 * ``"all"``: every backbone parameter (full fine-tuning);
 * ``"bias"``: only the bias terms (BitFit, Ben Zaken et al., ACL 2022), updated in place;
 * ``"lora"``: peft's own LoRA (``peft.LoraConfig``, injected with ``peft.inject_adapter_in_model``) on the
-  attention's query / key / value projections (``lora_targets="attention"``) or on every linear layer of the
+  attention's query / key / value projections (``lora_targets="attention"``), on those and the attention's
+  output projection (``"attention-all"``) or on every linear layer of the
   encoder blocks (``"all-linear"``: peft's own selection, attention and MLP, less the pooling heads outside the
   blocks, e.g. ViT's pooler or SigLIP's attention-pooling head, which the embedding does not use); its
   ``lora_A`` / ``lora_B`` matrices train, and with ``lora_bias="all"`` (peft's ``LoraConfig(bias="all")``)
@@ -30,8 +31,15 @@ BACKBONE_TUNINGS = ("all", "bias", "lora")
 # v_proj in transformers 5), CLIP / SigLIP (q_proj, k_proj, v_proj), timm (one fused qkv). peft matches them as
 # name suffixes.
 ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "qkv")
+# The attention's output projection: transformers 5's ViT / DeiT / DINOv2 / DINOv3 (o_proj), CLIP / SigLIP (out_proj),
+# timm (attn.proj: "proj" alone would also name timm's patch embedding)
+ATTENTION_OUTPUTS = ("o_proj", "out_proj", "attn.proj")
 # what --lora_targets names: peft's target_modules for each
-LORA_TARGETS = {"attention": list(ATTENTION_PROJECTIONS), "all-linear": "all-linear"}
+LORA_TARGETS = {
+    "attention": list(ATTENTION_PROJECTIONS),
+    "attention-all": [*ATTENTION_PROJECTIONS, *ATTENTION_OUTPUTS],
+    "all-linear": "all-linear",
+}
 LORA_ADAPTER = "backbone_lora"
 # peft's LoraConfig.bias values that this module supports: no bias trains, or every bias of the backbone does
 LORA_BIASES = ("none", "all")
@@ -74,7 +82,8 @@ def prepare_backbone(
         bias=lora_bias,
         use_dora=lora_dora,
         target_modules=LORA_TARGETS[lora_targets],
-        exclude_modules=_outside_blocks(backbone) if lora_targets == "all-linear" else None,
+        # pooling heads outside the blocks have linear layers of the same names (SigLIP's out_proj)
+        exclude_modules=_outside_blocks(backbone) if lora_targets != "attention" else None,
     )
     backbone = inject_adapter_in_model(config, backbone, adapter_name=LORA_ADAPTER)
     # the LoRA matrices are plain backbone parameters from here on: the prompt_peft adapter wrapped around the

@@ -123,7 +123,8 @@ def test_a_trial_record_of_another_seed_is_refused(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora", "lora_bias", "lora_bias_all_linear"],
+    ["vpt_shallow", "vpt_deep", "ship", "semantic_proxy_bitfit", "frpt", "lora", "lora_bias", "lora_bias_attention_all",
+     "lora_bias_all_linear"],
 )
 def test_every_row_with_a_length_starts_from_its_own_value_and_searches_the_alternatives(monkeypatch, tmp_path, name):
     """The starting length is the row's fixed-protocol value or, when the row leaves it to the method, the
