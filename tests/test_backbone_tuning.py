@@ -51,7 +51,28 @@ def test_all_linear_lora_sits_on_every_linear_layer_of_the_blocks_and_nowhere_el
                                    reference(pixel_values=pixels()).last_hidden_state)  # fmt: skip
 
 
-@pytest.mark.parametrize(("targets", "dora"), [("attention", False), ("all-linear", False), ("attention", True)])
+@pytest.mark.parametrize(
+    "name", ["ViTModel", "Dinov2Model", "CLIPVisionModel", "SiglipVisionModel", "TimmWrapperModel", "DINOv3ViTModel"]
+)
+def test_attention_all_lora_sits_on_the_attention_projections_and_its_output_and_nowhere_else(name):
+    reference = tiny_model(name)
+    in_blocks = block_linear_layers(reference)
+    # an independent reading: a block's linear layers that are not its MLP's (fc1 / fc2, DINOv3's up / down / gate)
+    attention = {n for n in in_blocks if ".mlp." not in n}
+    model = prepare_backbone(tiny_model(name), "lora", lora_rank=2, lora_targets="attention-all")
+    lora = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    blocks = {re.search(r"\.(\d+)\.", n).group(1) for n in in_blocks}
+    assert lora == attention and len(lora) == (2 if name == "TimmWrapperModel" else 4) * len(blocks)  # timm: fused qkv
+    # a SigLIP pooling head's out_proj and timm's patch embedding "proj" are not the blocks' attention
+    assert not any(n.startswith(("head.", "timm_model.patch_embed")) for n in lora)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels()).last_hidden_state,
+                                   reference(pixel_values=pixels()).last_hidden_state)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("targets", "dora"), [("attention", False), ("attention-all", False), ("all-linear", False), ("attention", True)]
+)
 def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets, dora):
     model = prepare_backbone(tiny_model("Dinov2Model"), "lora", lora_rank=2, lora_targets=targets, lora_dora=dora)
     torch.manual_seed(0)
@@ -198,4 +219,19 @@ def test_dora_run_trains_lora_its_magnitudes_and_every_bias_and_saves_them_merge
     assert not info["missing_keys"] and not info["unexpected_keys"]
     changed = {k for k, v in tuned.state_dict().items() if not torch.equal(original[k], v)}
     adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))}
+    assert adapted <= changed <= adapted | {k for k in original if k.endswith("bias")}
+
+
+def test_attention_all_lora_with_biases_run_trains_q_k_v_and_output_projections_and_counts_them(workspace, tmp_path):
+    summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all",
+                    "--lora_targets", "attention-all")  # fmt: skip
+    original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
+    backbone = AutoModel.from_pretrained(workspace / "backbone")
+    lora = attention_lora_size(backbone, rank=2) * 4 // 3  # the output projection is a fourth D x D layer
+    biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
+    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
+    assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora + biases
+    tuned = AutoModel.from_pretrained(tmp_path / "backbone").state_dict()
+    changed = {k for k, v in tuned.items() if not torch.equal(original[k], v)}
+    adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))}
     assert adapted <= changed <= adapted | {k for k in original if k.endswith("bias")}
