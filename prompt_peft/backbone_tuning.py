@@ -7,9 +7,9 @@ head alone); what differs is which backbone parameters also train, at ``backbone
 * ``"bias"``: only the bias terms (BitFit, Ben Zaken et al., ACL 2022), updated in place;
 * ``"lora"``: peft's own LoRA (``peft.LoraConfig``, injected with ``peft.inject_adapter_in_model``) on the
   attention's query / key / value projections (``lora_targets="attention"``), on those and the attention's
-  output projection (``"attention-all"``) or on every linear layer of the
-  encoder blocks (``"all-linear"``: peft's own selection, attention and MLP, less the pooling heads outside the
-  blocks, e.g. ViT's pooler or SigLIP's attention-pooling head, which the embedding does not use); its
+  output projection (``"attention-all"``) or on every linear layer of the encoder blocks (``"all-linear"``:
+  peft's own selection, attention and MLP); never on the pooling heads outside the blocks, e.g. ViT's pooler or
+  SigLIP's attention-pooling head, which the embedding does not use; its
   ``lora_A`` / ``lora_B`` matrices train, and with ``lora_bias="all"`` (peft's ``LoraConfig(bias="all")``)
   every bias of the backbone as well: LoRA and BitFit together; with ``lora_dora=True`` peft's DoRA
   (``LoraConfig(use_dora=True)``, Liu et al., ICML 2024) also trains a magnitude per output feature of each
@@ -67,9 +67,9 @@ def prepare_backbone(
     lora_dora: bool = False,
 ):
     """``backbone`` ready for ``tuning``: with ``"lora"``, LoRA of rank ``lora_rank`` (alpha default ``2 ×``
-    rank, dropout 0, peft's ``bias=lora_bias`` and ``use_dora=lora_dora``) injected into the layers ``lora_targets`` names (a key of
-    ``LORA_TARGETS``; in place: the model class is unchanged, so a prompt_peft adapter can wrap it next). Other
-    tunings change nothing here."""
+    rank, dropout 0, peft's ``bias=lora_bias`` and ``use_dora=lora_dora``) injected into the layers
+    ``lora_targets`` names (a key of ``LORA_TARGETS``; in place: the model class is unchanged, so a prompt_peft
+    adapter can wrap it next). Other tunings change nothing here."""
     _check(tuning, lora_bias, lora_dora)
     if lora_targets not in LORA_TARGETS:
         raise ValueError(f"LoRA targets must be one of {sorted(LORA_TARGETS)}, got {lora_targets!r}")

@@ -91,7 +91,8 @@ def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets, 
 
 @pytest.mark.parametrize(
     ("tuning", "lora_bias", "dora"),
-    [("bias", "none", False), ("lora", "none", False), ("lora", "all", False), ("lora", "all", True), ("all", "none", False)],
+    [("bias", "none", False), ("lora", "none", False), ("lora", "all", False), ("lora", "all", True),
+     ("all", "none", False)],  # fmt: skip
 )
 def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameters(tuning, lora_bias, dora):
     backbone = prepare_backbone(tiny_model("ViTModel"), tuning, lora_rank=2, lora_bias=lora_bias, lora_dora=dora)

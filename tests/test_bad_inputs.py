@@ -203,7 +203,7 @@ CLI_CASES = [
         r"LoRA bias 'all' needs backbone tuning 'lora', got 'bias'",
     ),
     ("cli_unknown_lora_bias", ["--lora_bias", "lora_only"], r"argument --lora_bias.*invalid choice: .lora_only."),
-    ("cli_dora_without_lora", ["--backbone_tuning", "all", "--lora_dora", "true"], r"DoRA needs backbone tuning 'lora'"),
+    ("cli_dora_without_lora", ["--backbone_tuning", "bias", "--lora_dora", "true"], r"DoRA needs backbone tuning"),
     ("cli_absurd_batch", ["--batch_size", "10000000"], r"batch_size=10000000 is far beyond"),
     ("cli_zero_embedding_dim", ["--embedding_dim", "0"], r"embedding_dim must be a positive integer"),
     ("cli_float_seed", ["--seed", "1.7"], r"argument --seed: invalid int value"),
