@@ -187,52 +187,44 @@ def test_all_linear_lora_run_trains_every_block_linear_layer_and_counts_it(works
     assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora
 
 
+QKV = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+
+
+def assert_lora_and_biases_trained(workspace, output_dir, summary, lora_size: int, adapted_suffixes: tuple[str, ...]):
+    """A LoRA + BitFit run counted the head, ``lora_size`` LoRA parameters and every backbone bias as trainable,
+    and saved a backbone that from_pretrained loads whole, in which the adapted weights moved and nothing but them
+    and the biases did."""
+    backbone = AutoModel.from_pretrained(workspace / "backbone")
+    original = backbone.state_dict()
+    biases = {k for k in original if k.endswith("bias")}
+    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
+    head = probe.base_model.get_parameter_counts()["trainable"]
+    assert summary["parameters"]["trainable"] == head + lora_size + sum(original[k].numel() for k in biases)
+    tuned, info = AutoModel.from_pretrained(output_dir / "backbone", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(original[k], v)}
+    adapted = {k for k in original if k.endswith(adapted_suffixes)}
+    assert adapted and adapted <= changed <= adapted | biases and changed & biases
+
+
 def test_lora_with_biases_run_trains_lora_and_every_bias_and_counts_them(workspace, tmp_path):
     """peft's LoraConfig(bias="all"): LoRA and BitFit together; the saved backbone has both folded in."""
     summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all")
-    original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
-    backbone = AutoModel.from_pretrained(workspace / "backbone")
-    lora = attention_lora_size(backbone, rank=2)
-    biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
-    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
-    assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora + biases
-    tuned, info = AutoModel.from_pretrained(tmp_path / "backbone", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(original[k], v)}
-    adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))}
-    assert adapted <= changed and any(k.endswith("bias") for k in changed)
-    assert changed <= adapted | {k for k in original if k.endswith("bias")}
+    lora = attention_lora_size(AutoModel.from_pretrained(workspace / "backbone"), rank=2)
+    assert_lora_and_biases_trained(workspace, tmp_path, summary, lora, QKV)
 
 
 def test_dora_run_trains_lora_its_magnitudes_and_every_bias_and_saves_them_merged(workspace, tmp_path):
     """peft's LoraConfig(use_dora=True) with bias="all": a magnitude per output feature of q, k and v as well."""
     summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all",
                     "--lora_dora", "true")  # fmt: skip
-    original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
     backbone = AutoModel.from_pretrained(workspace / "backbone")
     magnitudes = backbone.config.num_hidden_layers * 3 * backbone.config.hidden_size
-    lora = attention_lora_size(backbone, rank=2)
-    biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
-    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
-    expected = probe.base_model.get_parameter_counts()["trainable"] + lora + magnitudes + biases
-    assert summary["parameters"]["trainable"] == expected
-    tuned, info = AutoModel.from_pretrained(tmp_path / "backbone", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(original[k], v)}
-    adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))}
-    assert adapted <= changed <= adapted | {k for k in original if k.endswith("bias")}
+    assert_lora_and_biases_trained(workspace, tmp_path, summary, attention_lora_size(backbone, 2) + magnitudes, QKV)
 
 
 def test_attention_all_lora_with_biases_run_trains_q_k_v_and_output_projections_and_counts_them(workspace, tmp_path):
     summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all",
                     "--lora_targets", "attention-all")  # fmt: skip
-    original = AutoModel.from_pretrained(workspace / "backbone").state_dict()
-    backbone = AutoModel.from_pretrained(workspace / "backbone")
-    lora = attention_lora_size(backbone, rank=2) * 4 // 3  # the output projection is a fourth D x D layer
-    biases = sum(v.numel() for k, v in original.items() if k.endswith("bias"))
-    probe = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=16, num_classes=4))
-    assert summary["parameters"]["trainable"] == probe.base_model.get_parameter_counts()["trainable"] + lora + biases
-    tuned = AutoModel.from_pretrained(tmp_path / "backbone").state_dict()
-    changed = {k for k, v in tuned.items() if not torch.equal(original[k], v)}
-    adapted = {k for k in original if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))}
-    assert adapted <= changed <= adapted | {k for k in original if k.endswith("bias")}
+    lora = attention_lora_size(AutoModel.from_pretrained(workspace / "backbone"), rank=2) * 4 // 3  # o: a 4th D x D
+    assert_lora_and_biases_trained(workspace, tmp_path, summary, lora, (*QKV, "o_proj.weight"))
