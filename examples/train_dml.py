@@ -39,7 +39,14 @@ from transformers import AutoImageProcessor, HfArgumentParser
 
 import prompt_peft
 from prompt_peft.backbones import load_backbone
-from prompt_peft.backbone_tuning import LORA_BIASES, LORA_TARGETS, backbone_parameter_filter, merge_lora, prepare_backbone
+from prompt_peft.backbone_tuning import (
+    LORA_BIASES,
+    LORA_TARGETS,
+    backbone_parameter_filter,
+    check_backbone_tuning,
+    merge_lora,
+    prepare_backbone,
+)
 from prompt_peft.config_checks import (
     ConfigError,
     check_settings,
@@ -234,7 +241,7 @@ def parse_args(argv=None):
 def backbone_tuning_options(train_args: TrainArguments) -> None:
     """--backbone_tuning, --lora_bias and --lora_dora make sense together (checked before any model loads)."""
     try:
-        backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias, train_args.lora_dora)
+        check_backbone_tuning(train_args.backbone_tuning, train_args.lora_bias, train_args.lora_dora)
     except ValueError as error:
         raise ConfigError(f"--backbone_tuning / --lora_bias / --lora_dora: {error}") from None
 
@@ -351,13 +358,14 @@ def run(argv=None):
         logger.info(fitted)
     if train_args.activation_checkpointing:
         model.activation_checkpointing_enable()
+    trained_backbone = backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias)
     optimizer = build_optimizer(
         model,
         lr=train_args.learning_rate,
         proxy_lr=train_args.proxy_lr,
         weight_decay=train_args.weight_decay,
         backbone_lr=train_args.backbone_lr,
-        backbone_params=backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias),
+        backbone_params=trained_backbone,
     )
     if train_args.backbone_lr:  # DDP needs a gradient for every trainable parameter (not ViT's pooler)
         freeze_unused_backbone_parameters(model, next(iter(fit_loader))["pixel_values"][:1])
@@ -485,9 +493,7 @@ def run(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     parameters = unwrapped.base_model.get_parameter_counts()
     if train_args.backbone_lr:  # the fine-tuned backbone is part of what is trained, stored and run
-        backbone_size = unwrapped.base_model.backbone_parameter_count(
-            backbone_parameter_filter(train_args.backbone_tuning, train_args.lora_bias)
-        )
+        backbone_size = unwrapped.base_model.backbone_parameter_count(trained_backbone)
         parameters = {k: v + backbone_size for k, v in parameters.items()}
     summary = {
         "method": model_args.method,

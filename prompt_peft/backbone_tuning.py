@@ -45,7 +45,9 @@ LORA_ADAPTER = "backbone_lora"
 LORA_BIASES = ("none", "all")
 
 
-def _check(tuning: str, lora_bias: str = "none", lora_dora: bool = False) -> None:
+def check_backbone_tuning(tuning: str, lora_bias: str = "none", lora_dora: bool = False) -> None:
+    """Raises ``ValueError`` unless ``tuning``, ``lora_bias`` and ``lora_dora`` make sense together (the options
+    beyond ``tuning`` need ``"lora"``)."""
     if tuning not in BACKBONE_TUNINGS:
         raise ValueError(f"backbone tuning must be one of {BACKBONE_TUNINGS}, got {tuning!r}")
     if lora_bias not in LORA_BIASES:
@@ -70,7 +72,7 @@ def prepare_backbone(
     rank, dropout 0, peft's ``bias=lora_bias`` and ``use_dora=lora_dora``) injected into the layers
     ``lora_targets`` names (a key of ``LORA_TARGETS``; in place: the model class is unchanged, so a prompt_peft
     adapter can wrap it next). Other tunings change nothing here."""
-    _check(tuning, lora_bias, lora_dora)
+    check_backbone_tuning(tuning, lora_bias, lora_dora)
     if lora_targets not in LORA_TARGETS:
         raise ValueError(f"LoRA targets must be one of {sorted(LORA_TARGETS)}, got {lora_targets!r}")
     if tuning != "lora":
@@ -82,8 +84,8 @@ def prepare_backbone(
         bias=lora_bias,
         use_dora=lora_dora,
         target_modules=LORA_TARGETS[lora_targets],
-        # pooling heads outside the blocks have linear layers of the same names (SigLIP's out_proj)
-        exclude_modules=_outside_blocks(backbone) if lora_targets != "attention" else None,
+        # never the pooling heads outside the blocks, which have linear layers of the same names (SigLIP's out_proj)
+        exclude_modules=_outside_blocks(backbone),
     )
     backbone = inject_adapter_in_model(config, backbone, adapter_name=LORA_ADAPTER)
     # the LoRA matrices are plain backbone parameters from here on: the prompt_peft adapter wrapped around the
@@ -117,10 +119,10 @@ def _outside_blocks(backbone: nn.Module) -> list[str] | None:
     return names or None  # peft warns about an exclusion that excludes nothing
 
 
-def backbone_parameter_filter(tuning: str, lora_bias: str = "none", lora_dora: bool = False) -> Callable[[str], bool]:
+def backbone_parameter_filter(tuning: str, lora_bias: str = "none") -> Callable[[str], bool]:
     """``name -> bool``: which parameters without a prompt_peft role train under ``tuning`` (and, for
-    ``"lora"``, ``lora_bias``; ``lora_dora`` is only checked: DoRA's magnitudes are LoRA parameters)."""
-    _check(tuning, lora_bias, lora_dora)
+    ``"lora"``, ``lora_bias``; DoRA's magnitudes count as LoRA parameters)."""
+    check_backbone_tuning(tuning, lora_bias)
 
     def is_bias(name: str) -> bool:
         return name.rsplit(".", 1)[-1] == "bias"

@@ -98,7 +98,7 @@ def test_the_optimiser_trains_the_head_and_exactly_the_chosen_backbone_parameter
     backbone = prepare_backbone(tiny_model("ViTModel"), tuning, lora_rank=2, lora_bias=lora_bias, lora_dora=dora)
     model = get_peft_model(backbone, prompt_peft.VPTConfig(num_prompts=0, embedding_dim=8, num_classes=3))
     head = set(parameter_roles(model))  # the prompt_peft head's parameters
-    accept = backbone_parameter_filter(tuning, lora_bias, dora)
+    accept = backbone_parameter_filter(tuning, lora_bias)
     optimizer = build_optimizer(model, lr=1e-3, backbone_lr=1e-3, backbone_params=accept)
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     expected = {id(p) for n, p in model.named_parameters() if (id(p) in head and p.requires_grad) or accept(n)}
