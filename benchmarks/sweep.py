@@ -17,7 +17,9 @@ Protocol (issue 17):
   (2) ``2 x base_steps`` at the best learning rate, doubled again while the longest budget tried wins (at most
   ``STEP_EXTENSIONS`` times: a budget at the edge of the grid may be too short, as a rate at its edge may be
   off); (3) where the method has a prompt length (or a rank; FRPT:
-  its cross-entropy weight, 1 or 0), the row's alternative lengths at the best (learning rate, steps).
+  its cross-entropy weight, 1 or 0), the row's alternative lengths at the best (learning rate, steps); while the
+  best length is the longest or shortest tried, twice or half that length (at most ``LENGTH_EXTENSIONS`` times;
+  not FRPT's weight, a switch).
   A stage keeps its incumbent unless a trial beats it on validation ``--select_metric`` (MAP@R by default:
   R@1 on a few hundred validation images moves by whole points between seeds).
 * **Final runs**: each seed trains on the same training classes with the chosen values and evaluates the
@@ -123,6 +125,10 @@ LR_EXTENSIONS = 4
 # steps may grow to 4 x base_steps (CPU: 200): each doubling doubles a row's training time, and this cap keeps the
 # CPU table's final runs within twice their time at 2 x base_steps
 STEP_EXTENSIONS = 1
+# a prompt length or rank chosen at the edge of those tried is no more an optimum than a rate there: it is halved or
+# doubled, at most this many times (on the first cpu search, LoRA + BitFit chose rank 4 of 4 / 8 / 16 and both VPTs
+# 30 of 5 / 10 / 30 prompts)
+LENGTH_EXTENSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class Space:
     lr_key: str = "learning_rate"  # "backbone_lr" for full fine-tuning
     length_key: str | None = None  # a method_kwargs key (prompt length, LoRA rank), if the method has one
     lengths: tuple = ()  # alternatives to the row's own value, tried in stage 3
+    extend_lengths: bool = True  # False for a switch (FRPT's cross-entropy weight, 1 or 0): nothing lies beyond
 
 
 # every LoRA row: the backbone's rate, then the rank as its length
@@ -148,7 +155,7 @@ SPACES = {
     "semantic_proxy_bitfit": Space(1e-3, length_key="num_prompts", lengths=(5, 30)),
     # FRPT has no prompt length; its third knob is the classifier's cross-entropy (paper: CE only; ours adds
     # Proxy-Anchor), on or off
-    "frpt": Space(1e-3, length_key="ce_loss_weight", lengths=(0.0,)),
+    "frpt": Space(1e-3, length_key="ce_loss_weight", lengths=(0.0,), extend_lengths=False),
     "bitfit": Space(1e-3, lr_key="backbone_lr"),
     "lora": LORA_SPACE,
     "lora_bias": LORA_SPACE,  # searched exactly like LoRA
@@ -346,7 +353,17 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
         budgets.append(2 * budgets[-1])
         best = stage("steps", [{**best, "steps": budgets[-1]}], best)
     if space.length_key:
+        lengths = [best[space.length_key], *space.lengths]
         best = stage("length", [{**best, space.length_key: length} for length in space.lengths], best)
+        for _ in range(LENGTH_EXTENSIONS if space.extend_lengths else 0):
+            length = best[space.length_key]
+            if length not in (min(lengths), max(lengths)):
+                break
+            beyond = 2 * length if length == max(lengths) else max(1, length // 2)
+            if beyond in lengths:  # a length of 1 halved
+                break
+            lengths.append(beyond)
+            best = stage("length", [{**best, space.length_key: beyond}], best)
     return best, trials
 
 
