@@ -163,13 +163,62 @@ def test_a_best_rate_at_the_grid_edge_extends_the_grid_at_most_four_times(monkey
     assert chosen["learning_rate"] == rates[-1]
 
 
+@pytest.mark.parametrize(
+    ("name", "direction", "extensions", "expected"),
+    [
+        ("vpt_deep", 1, 2, [5, 30, 60, 120]),  # starts at 10 prompts: 30 wins, then 60, then 120, then the cap
+        ("lora_bias", -1, 2, [4, 16, 2, 1]),  # starts at rank 8: 4 wins, then 2, then 1
+        ("lora_bias", -1, 5, [4, 16, 2, 1]),  # a rank of 1 is not halved, whatever the cap
+        ("vpt_deep", -1, 2, [5, 30, 2, 1]),  # 5 wins, then 2, then 1
+    ],
+)
+def test_a_best_length_at_the_edge_of_those_tried_is_doubled_or_halved_at_most_length_extensions_times(
+        monkeypatch, tmp_path, name, direction, extensions, expected):
+    """Scores that keep improving towards one end of the lengths: the search goes on beyond the edge, as it does
+    for a rate, until the cap or the shortest length there is."""
+    sweep = load_sweep()
+    key = sweep.SPACES[name].length_key
+    monkeypatch.setattr(sweep, "run_trial", lambda args, row, values, stage, seed: {
+        "values": values, "stage": stage, "validation_metrics": {"map@r": direction * values[key]}})
+    monkeypatch.setattr(sweep, "LENGTH_EXTENSIONS", extensions)
+    args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
+    chosen, trials = sweep.search(args, name)
+    assert [t["values"][key] for t in trials if t["stage"] == "length"] == expected
+    assert chosen[key] == expected[-1] and load_sweep().LENGTH_EXTENSIONS == 2
+
+
+def test_a_length_beyond_the_edge_that_loses_ends_the_extension_and_a_middle_one_never_starts_it(monkeypatch,
+                                                                                                 tmp_path):
+    """Rank 4 beats 8 and 16, rank 2 loses to it: one extension, rank 4 chosen. With rank 8 best (the middle
+    of 4 / 8 / 16), nothing beyond is tried."""
+    sweep = load_sweep()
+    for best, expected in ((4, [4, 16, 2]), (8, [4, 16])):
+        monkeypatch.setattr(sweep, "run_trial", lambda args, row, values, stage, seed, best=best: {
+            "values": values, "stage": stage, "validation_metrics": {"map@r": -abs(values["lora_rank"] - best)}})
+        args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
+        chosen, trials = sweep.search(args, "lora_bias")
+        assert [t["values"]["lora_rank"] for t in trials if t["stage"] == "length"] == expected
+        assert chosen["lora_rank"] == best
+
+
+def test_frpts_cross_entropy_weight_is_a_switch_never_extended(monkeypatch, tmp_path):
+    """With cross-entropy on winning (1.0, the largest weight tried), no weight of 2 is tried: it is on or off."""
+    sweep = load_sweep()
+    monkeypatch.setattr(sweep, "run_trial", lambda args, name, values, stage, seed: {
+        "values": values, "stage": stage, "validation_metrics": {"map@r": values["ce_loss_weight"]}})
+    args = sweep.parse_args(["--base_steps", "10", "--results_dir", str(tmp_path)])
+    chosen, trials = sweep.search(args, "frpt")
+    assert [t["values"]["ce_loss_weight"] for t in trials if t["stage"] == "length"] == [0.0]
+    assert chosen["ce_loss_weight"] == 1.0 and not sweep.SPACES["frpt"].extend_lengths
+
+
 def run_small_sweep(workspace, root, *extra):
     """frozen + VPT-deep (one alternative prompt length) on the tiny backbone: 1-2 steps per trial."""
     sweep = load_sweep()
     sweep.PRESETS["cpu"] = {**sweep.PRESETS["cpu"], "image_size": 32, "eval_images_per_class": 5,
                             "eval_batch_size": 16, "num_workers": 0}  # fmt: skip
     sweep.PROTOCOL.update(embedding_dim=16, m_per_class=2, batch_size=4, val_classes=0.5, checkpointing_steps=1)
-    sweep.SPACES["vpt_deep"] = sweep.Space(1e-3, length_key="num_prompts", lengths=(5,))
+    sweep.SPACES["vpt_deep"] = sweep.Space(1e-3, length_key="num_prompts", lengths=(5,), extend_lengths=False)
     train, evaluate = (load_script(ROOT / "examples" / name) for name in ("train_dml.py", "evaluate.py"))
 
     def in_process(command, out, what):  # the scripts' own entry points, without a fresh interpreter each
