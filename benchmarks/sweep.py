@@ -557,7 +557,7 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
     else:
         how = (f"Values chosen on validation {first['select_metric']} (learning rate x {{1/3, 1, 3}}, extended by 3x "
                "while the best is at an edge, then 2x steps, doubled again while the longest wins (steps tried: the "
-               "budgets run), then the prompt length).")
+               "budgets run), then the prompt length or rank, halved or doubled while the best is at an edge).")
     notes = [
         f"Preset `{preset}`: {settings['image_size']} px, batch {PROTOCOL['batch_size']} "
         f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
