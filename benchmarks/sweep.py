@@ -337,33 +337,32 @@ def search(args, name: str) -> tuple[dict, list[dict]]:
     def rounded(rate: float) -> float:
         return float(f"{rate:.3g}")  # 3.33e-4, not 3.3333333333333335e-4
 
+    def extend_at_edge(best: dict, key: str, label: str, tried: list, beyond, times: int) -> dict:
+        """Up to ``times`` one-trial stages past the edge of ``tried`` while the best value sits on it:
+        ``beyond(value, tried)`` is the next value out, or None where ``value`` is not on an edge it extends."""
+        for _ in range(times):
+            value = beyond(best[key], tried)
+            if value is None or value in tried:  # inside the grid, or a length of 1 halved
+                break
+            tried.append(value)
+            best = stage(label, [{**best, key: value}], best)
+        return best
+
     rates = [rounded(space.lr * f) for f in LR_FACTORS]
     best = stage("learning rate", [{**start, space.lr_key: rate} for rate in rates], None)
-    for _ in range(LR_EXTENSIONS):
-        rate = best[space.lr_key]
-        if rate not in (min(rates), max(rates)):
-            break
-        rates.append(rounded(rate * 3 if rate == max(rates) else rate / 3))
-        best = stage("learning rate", [{**best, space.lr_key: rates[-1]}], best)
+    best = extend_at_edge(best, space.lr_key, "learning rate", rates, lambda rate, tried: (
+        rounded(rate * 3) if rate == max(tried) else rounded(rate / 3) if rate == min(tried) else None),
+        LR_EXTENSIONS)
     budgets = [steps, 2 * steps]
     best = stage("steps", [{**best, "steps": budgets[-1]}], best)
-    for _ in range(STEP_EXTENSIONS):
-        if best["steps"] != budgets[-1]:
-            break
-        budgets.append(2 * budgets[-1])
-        best = stage("steps", [{**best, "steps": budgets[-1]}], best)
+    best = extend_at_edge(best, "steps", "steps", budgets, lambda budget, tried: (  # upward only
+        2 * budget if budget == max(tried) else None), STEP_EXTENSIONS)
     if space.length_key:
         lengths = [best[space.length_key], *space.lengths]
         best = stage("length", [{**best, space.length_key: length} for length in space.lengths], best)
-        for _ in range(LENGTH_EXTENSIONS if space.extend_lengths else 0):
-            length = best[space.length_key]
-            if length not in (min(lengths), max(lengths)):
-                break
-            beyond = 2 * length if length == max(lengths) else max(1, length // 2)
-            if beyond in lengths:  # a length of 1 halved
-                break
-            lengths.append(beyond)
-            best = stage("length", [{**best, space.length_key: beyond}], best)
+        best = extend_at_edge(best, space.length_key, "length", lengths, lambda length, tried: (
+            2 * length if length == max(tried) else max(1, length // 2) if length == min(tried) else None),
+            LENGTH_EXTENSIONS if space.extend_lengths else 0)
     return best, trials
 
 
