@@ -46,6 +46,8 @@ class FRPTLayout:
 
 
 class FRPTLayer(PromptedLayer):
+    """Common base of FRPT's wrappers (the perturbation prompt and the awareness head) under ``frpt_``."""
+
     prefix = "frpt_"
 
 

@@ -46,6 +46,8 @@ class Links:
 
 
 class SHIPBlock(PromptedBlock):
+    """One encoder block with SHIP's shared and attribute (prototype-matched) prompts."""
+
     prefix = "ship_"
     recomputable = False  # the attribute prompts read the previous block's scores of this call
     containers = {
@@ -217,6 +219,8 @@ def _put(container: nn.ParameterDict, adapter: str, value: Optional[nn.Parameter
 
 
 class SHIPHead(EmbeddingHead):
+    """SHIP's retrieval head: the shared :class:`EmbeddingHead` under the ``ship_`` prefix."""
+
     prefix = "ship_"
 
 

@@ -12,6 +12,8 @@ from .config import VPTConfig
 
 
 class VPTBlock(PromptedBlock):
+    """One encoder block with VPT's prompts (shallow: the first block only; deep: every block)."""
+
     prefix = "vpt_"
 
     def init_prompts(self, config: VPTConfig, n: int) -> torch.Tensor:
@@ -23,6 +25,8 @@ class VPTBlock(PromptedBlock):
 
 
 class VPTHead(EmbeddingHead):
+    """VPT's retrieval head: the shared :class:`EmbeddingHead` under the ``vpt_`` prefix."""
+
     prefix = "vpt_"
 
 
