@@ -195,11 +195,13 @@ def machine() -> str:
 
 def code_version() -> str | None:
     """The checkout's commit (``-dirty`` when tracked files differ from it) when a record is written, so that it says
-    which code made it; None outside a git checkout."""
+    which code made it; None outside a git checkout. Records under ``benchmarks/results`` do not count: a run that
+    replaces its own committed record would otherwise mark every later record of the same job dirty."""
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"], capture_output=True).returncode
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", ".",
+                                ":(exclude)benchmarks/results"], capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,3 +161,21 @@ def test_a_failing_run_names_its_log(bench, tmp_path):
     bad[bad.index("--results_dir") + 1] = str(tmp_path)
     with pytest.raises(RuntimeError, match=r"linear_probe seed 0 failed .*log\.txt"):
         module.main(bad + ["--rows", "linear_probe", "--seeds", "0"])
+
+
+def test_code_version_names_the_commit_and_marks_changed_code_dirty_but_not_changed_records(tmp_path, monkeypatch):
+    module = load_benchmark()
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "row-seed0.json").write_text("{}\n")
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    assert module.code_version() == commit
+    (tmp_path / "benchmarks" / "results" / "row-seed0.json").write_text('{"replaced": true}\n')
+    assert module.code_version() == commit  # a run replacing its committed record is not a code change
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert module.code_version() == commit + "-dirty"
