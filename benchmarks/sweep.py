@@ -29,7 +29,7 @@ Protocol (issue 17):
   reports test metrics as mean ± sample std over the seeds, the chosen values and the number of search trials.
 
 Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 / 200 steps, test and validation capped at 20 images per class
-(the README's benchmark section says why); ``gpu`` = 224 px, 1,000 / 2,000 / 4,000 steps, all images;
+(``docs/sweep.md`` says why); ``gpu`` = 224 px, 1,000 / 2,000 / 4,000 steps, all images;
 ``cpu-long`` = ``cpu`` at 400 steps, for ``--transfer_from cpu`` (the rows nearest to full fine-tuning, trained
 twice as long as the cpu search's longest budget, with the values it chose).
 
@@ -53,6 +53,7 @@ search trial's validation metrics (readable while the sweep runs).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import shlex
@@ -85,7 +86,7 @@ from retrieval import (  # noqa: E402
 PRESETS = {
     "cpu": {
         "image_size": 112,
-        "base_steps": 50,  # grows to 200 (STEP_EXTENSIONS): all rows x 3 seeds took 1.5-2.2 h on 2 cores (README)
+        "base_steps": 50,  # grows to 200 (STEP_EXTENSIONS): all rows x 3 seeds took 1.5-2.2 h on 2 cores (docs/)
         "eval_images_per_class": 20,
         "eval_batch_size": 64,
         "num_workers": 2,
@@ -565,12 +566,20 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
         + (f", at most {settings['eval_images_per_class']} images per class evaluated"
            if settings["eval_images_per_class"] else "")  # fmt: skip
         + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. " + how,
-        f"Machine: {first['machine']}." + _regeneration_note(records),
+        _machines_note(records) + _regeneration_note(records),
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
         "the seeds. Trials: the sets of values tried in the search before the choice, each scored by its mean "
         "validation metric over the row's search seeds.",
     ]
     return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def _machines_note(records: list[dict]) -> str:
+    """The machine the final runs ran on, or each machine with its count when rows were added on others."""
+    counts = collections.Counter(r["machine"] for r in records if r.get("machine"))
+    if len(counts) <= 1:
+        return f"Machine: {next(iter(counts), 'unknown')}."
+    return "Machines: " + "; ".join(f"{machine} ({n} run{'s' if n > 1 else ''})" for machine, n in counts.most_common()) + "."
 
 
 def _regeneration_note(records: list[dict]) -> str:

@@ -539,3 +539,10 @@ def test_the_tables_time_note_sums_the_final_runs_and_says_when_trials_training_
     assert "took 1.50 h" in sweep._regeneration_note(reused)
     assert "a search seed's training counted at its trial's time" in sweep._regeneration_note(reused)
     assert sweep._regeneration_note([{"trained_by_trial": None}]) == ""  # records without times: no claim
+
+
+def test_the_tables_machine_note_names_every_machine_its_final_runs_ran_on():
+    sweep = load_sweep()
+    assert sweep._machines_note([{"machine": "Xeon, 2 CPU cores"}] * 3) == "Machine: Xeon, 2 CPU cores."
+    mixed = [{"machine": "Xeon"}, {"machine": "EPYC"}, {"machine": "EPYC"}, {}]
+    assert sweep._machines_note(mixed) == "Machines: EPYC (2 runs); Xeon (1 run)."
