@@ -27,6 +27,7 @@ skipped next time; an interrupted training run continues from its last checkpoin
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -193,6 +194,16 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPU cores, no GPU"
 
 
+def machines_note(records: list[dict]) -> str:
+    """The table's machine line: the one machine its runs ran on, or each with its count when rows were added on
+    another machine (naming only the first record's would misstate the others)."""
+    counts = collections.Counter(r["machine"] for r in records if r.get("machine"))
+    if len(counts) <= 1:
+        return f"Machine: {next(iter(counts), 'unknown')}."
+    runs = (f"{machine} ({n} run{'s' if n > 1 else ''})" for machine, n in counts.most_common())
+    return "Machines: " + "; ".join(runs) + "."
+
+
 def code_version() -> str | None:
     """The checkout's commit (``-dirty`` when tracked files differ from it) when a record is written, so that it says
     which code made it; None outside a git checkout. Records under ``benchmarks/results`` do not count: a run that
@@ -311,7 +322,7 @@ def render_table(results: list[dict], preset: str) -> str:
         f"Preset `{preset}`: {settings['image_size']} px, {settings['num_epochs']} epoch(s), batch "
         f"{TRAINING['batch_size']} ({TRAINING['m_per_class']} images per class), lr {TRAINING['learning_rate']}, "
         f"proxy lr {TRAINING['proxy_lr']}; backbone `{first['backbone']}`, data set `{first['dataset']}`.",
-        f"Machine: {first['machine']}.",
+        machines_note(results),
         "Metrics in %, mean ± sample std over the seeds listed (one seed: that run; the frozen row has no "
         "randomness: one run). Parameters: "
         "trainable / stored in the adapter file / needed at inference (proxies and training-only branches are "

@@ -53,7 +53,6 @@ search trial's validation metrics (readable while the sweep runs).
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import shlex
@@ -75,6 +74,7 @@ from retrieval import (  # noqa: E402
     _count,
     add_common_arguments,
     eval_command,
+    machines_note,
     mean_std,
     rebuild_table,
     run_facts,
@@ -566,20 +566,12 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
         + (f", at most {settings['eval_images_per_class']} images per class evaluated"
            if settings["eval_images_per_class"] else "")  # fmt: skip
         + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. " + how,
-        _machines_note(records) + _regeneration_note(records),
+        machines_note(records) + _regeneration_note(records),
         "Test metrics in %, mean ± sample std over the seeds listed; val MAP@R: the validation classes, mean over "
         "the seeds. Trials: the sets of values tried in the search before the choice, each scored by its mean "
         "validation metric over the row's search seeds.",
     ]
     return "\n".join([*lines, "", *notes]) + "\n"
-
-
-def _machines_note(records: list[dict]) -> str:
-    """The machine the final runs ran on, or each machine with its count when rows were added on others."""
-    counts = collections.Counter(r["machine"] for r in records if r.get("machine"))
-    if len(counts) <= 1:
-        return f"Machine: {next(iter(counts), 'unknown')}."
-    return "Machines: " + "; ".join(f"{machine} ({n} run{'s' if n > 1 else ''})" for machine, n in counts.most_common()) + "."
 
 
 def _regeneration_note(records: list[dict]) -> str:

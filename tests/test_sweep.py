@@ -543,6 +543,6 @@ def test_the_tables_time_note_sums_the_final_runs_and_says_when_trials_training_
 
 def test_the_tables_machine_note_names_every_machine_its_final_runs_ran_on():
     sweep = load_sweep()
-    assert sweep._machines_note([{"machine": "Xeon, 2 CPU cores"}] * 3) == "Machine: Xeon, 2 CPU cores."
+    assert sweep.machines_note([{"machine": "Xeon, 2 CPU cores"}] * 3) == "Machine: Xeon, 2 CPU cores."
     mixed = [{"machine": "Xeon"}, {"machine": "EPYC"}, {"machine": "EPYC"}, {}]
-    assert sweep._machines_note(mixed) == "Machines: EPYC (2 runs); Xeon (1 run)."
+    assert sweep.machines_note(mixed) == "Machines: EPYC (2 runs); Xeon (1 run)."
