@@ -17,6 +17,7 @@ from prompt_peft import SemanticProxyVPTConfig
 from prompt_peft.hub import push_adapter_to_hub
 from prompt_peft.losses import proxy_anchor_loss
 from prompt_peft.training import RowSparseAdamW, build_optimizer
+from prompt_peft.training.step import LOSS_INPUTS_KWARG, find_tuner
 from prompt_peft.tuners.semantic_proxy import SemanticGRUCell, integrate_ema, integrate_gru, mix_proxies
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -382,6 +383,27 @@ def test_training_steps_lower_the_loss_and_reach_every_trainable_tensor(integrat
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("integration", ["gru", "ema"])
+def test_bf16_autocast_step_matches_float32(integration):
+    # accelerate's mixed precision autocasts the forward only: the candidates reach the proxy update in bf16 while
+    # the cell and the running table stay float32 (this raised a dtype error in the GRU's matmul)
+    losses, tables = [], []
+    for autocast in (False, True):
+        model = wrapped(integration=integration).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            inputs = model(pixel_values=pixels(4), labels=LABELS, **{LOSS_INPUTS_KWARG: True}).loss_inputs
+        assert (inputs.candidates.dtype == torch.bfloat16) == autocast
+        loss = find_tuner(model).compute_loss(inputs)
+        loss.backward()
+        table = head_of(model).vptsp_semantic_proxies["default"]
+        assert table.dtype == torch.float32 and loss.dtype == torch.float32
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        losses.append(loss.item())
+        tables.append(table.clone())
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+    torch.testing.assert_close(tables[1], tables[0], atol=0.03, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- save / load / Hub

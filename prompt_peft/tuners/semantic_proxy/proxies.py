@@ -70,6 +70,8 @@ def integrate_gru(
     """
     classes, inverse = torch.unique(labels, return_inverse=True)
     rank = within_class_rank(labels)
+    # in the cell's precision: under autocast the candidates arrive in bf16 / fp16, the loss runs outside it
+    candidates = candidates.to(cell.input_weight.dtype)
     state = proxies[classes].to(candidates.dtype)
     for step in range(int(rank.max()) + 1 if labels.numel() else 0):
         chosen = rank == step
@@ -82,6 +84,7 @@ def integrate_gru(
 def integrate_ema(proxies: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, keep: float) -> torch.Tensor:
     """VPTSP-M: ``P_c <- normalize(keep * P_c + (1 - keep) * mean of the batch's candidates of class c)``."""
     classes, inverse = torch.unique(labels, return_inverse=True)
+    candidates = candidates.to(proxies.dtype)  # the running table's precision, as in integrate_gru
     sums = candidates.new_zeros(len(classes), candidates.shape[1]).index_add(0, inverse, candidates)
     means = sums / torch.bincount(inverse, minlength=len(classes)).unsqueeze(1).to(sums.dtype)
     mixed = keep * proxies[classes].to(means.dtype) + (1 - keep) * means
