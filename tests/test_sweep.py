@@ -498,6 +498,24 @@ def test_cpu_long_is_the_cpu_preset_at_twice_its_longest_searched_budget(tmp_pat
     assert values == {"backbone_lr": 0.003, "steps": 400} and origin["chosen"] == chosen and origin["preset"] == "cpu"
 
 
+def test_cpu_bf16_is_the_cpu_preset_in_bf16_at_its_longest_searched_budget(tmp_path):
+    """``--preset cpu-bf16 --transfer_from cpu``: the cpu search's values and budget, trained in bf16 autocast."""
+    sweep = load_sweep()
+    cpu, bf16 = sweep.PRESETS["cpu"], sweep.PRESETS["cpu-bf16"]
+    longest = cpu["base_steps"] * 2 ** (1 + sweep.STEP_EXTENSIONS)
+    assert cpu["mixed_precision"] == "no" and bf16 == {**cpu, "base_steps": longest, "mixed_precision": "bf16"}
+    final = tmp_path / "sweep-cpu" / "final"
+    final.mkdir(parents=True)
+    chosen = {"learning_rate": 0.009, "steps": 200, "num_prompts": 30}
+    (final / "vpt_deep-seed0.json").write_text(json.dumps({"chosen": chosen, "search_trials": 10,
+                                                           "search_seeds": [0, 1, 2]}))
+    args = sweep.parse_args(["--preset", "cpu-bf16", "--transfer_from", "cpu", "--results_dir", str(tmp_path)])
+    values, origin = sweep.transferred(args, "vpt_deep")
+    assert values == chosen and origin["chosen"] == chosen
+    command = " ".join(sweep.train_command(args, "vpt_deep", values, 0, tmp_path / "run", eval_test=True))
+    assert "--mixed_precision bf16" in command and "--max_steps 200" in command and "--image_size 112" in command
+
+
 @pytest.mark.parametrize("bad", [["--transfer_from", "cpu"], ["--steps", "5"],
                                  ["--preset", "gpu", "--transfer_from", "cpu", "--steps", "0"]])
 def test_transfer_options_refuse_what_cannot_mean_anything(bad):
