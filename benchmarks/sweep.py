@@ -553,18 +553,22 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
         cells.append(f"{statistics.median(r['train_seconds'] for r in runs) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     first, settings = records[0], PRESETS[preset]
-    origin = next((r["values_from"] for r in records if r.get("values_from")), None)
-    if origin:
-        steps = sorted({r["chosen"]["steps"] for r in records if r.get("chosen")})
+    transferred = [r for r in records if r.get("values_from")]
+    if transferred:
+        origin = transferred[0]["values_from"]
+        steps = sorted({r["chosen"]["steps"] for r in transferred})
+        same = all(r["chosen"]["steps"] == r["values_from"]["chosen"]["steps"] for r in transferred)
         how = (f"Values (learning rate, prompt length) chosen on validation by the `{origin['preset']}` preset's "
-               f"search (trials: its count), trained {'/'.join(map(str, steps))} steps here instead of the "
-               f"budget that search chose.")
+               f"search (trials: its count), trained {'/'.join(map(str, steps))} steps here"
+               + (", the budget that search chose." if same else " instead of the budget that search chose."))
     else:
         how = (f"Values chosen on validation {first['select_metric']} (learning rate x {{1/3, 1, 3}}, extended by 3x "
                "while the best is at an edge, then 2x steps, doubled again while the longest wins (steps tried: the "
                "budgets run), then the prompt length or rank, halved or doubled while the best is at an edge).")
     notes = [
-        f"Preset `{preset}`: {settings['image_size']} px, batch {PROTOCOL['batch_size']} "
+        f"Preset `{preset}`: {settings['image_size']} px, "
+        + ("float32" if settings["mixed_precision"] == "no" else f"{settings['mixed_precision']} autocast")
+        + f", batch {PROTOCOL['batch_size']} "
         f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
         f"proxy lr {PROTOCOL['proxy_lr']}, "
         f"{int(100 * PROTOCOL['val_classes'])} % of the training classes held out for validation"
@@ -584,7 +588,7 @@ def _regeneration_note(records: list[dict]) -> str:
     if not timed:
         return ""
     reused = any(r.get("trained_by_trial") for r in records)
-    return (f" The {len(timed)} final runs took {sum(timed) / 3600:.2f} h of wall time in all (summed run by run"
+    return (f" The {len(timed)} final run{'s' if len(timed) != 1 else ''} took {sum(timed) / 3600:.2f} h of wall time in all (summed run by run"
             + ("; a search seed's training counted at its trial's time)." if reused else ")."))
 
 

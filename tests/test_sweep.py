@@ -475,8 +475,18 @@ def test_transfer_from_trains_the_other_presets_choice_at_the_given_steps_withou
     lines = (tmp_path / "results" / "sweep-gpu.md").read_text().splitlines()
     row = next(line for line in lines if line.startswith("| VPT-deep |")).split("|")
     assert row[2].strip() == sweep._chosen_text(gpu) and row[3].strip() == str(cpu["search_trials"])
-    assert any("chosen on validation by the `cpu` preset's search" in line and "trained 3 steps" in line
-               for line in lines)  # fmt: skip
+    (note,) = [line for line in lines if "chosen on validation by the `cpu` preset's search" in line]
+    assert "trained 3 steps here instead of the budget that search chose" in note
+    assert note.startswith("Preset `gpu`: 28 px, float32, batch")  # the cpu preset's settings: no autocast
+    # at the budget the search chose, in bf16 (the record edited: accelerate fixes its precision once per process)
+    monkeypatch.setitem(sweep.PRESETS, "gpu", {**sweep.PRESETS["gpu"], "mixed_precision": "bf16"})
+    record = tmp_path / "results" / "sweep-gpu" / "final" / "vpt_deep-seed0.json"
+    record.write_text(json.dumps({**gpu, "chosen": cpu["chosen"]}))
+    sweep.main([*argv, "--preset", "gpu", "--transfer_from", "cpu", "--table_only"])
+    lines = (tmp_path / "results" / "sweep-gpu.md").read_text().splitlines()
+    (note,) = [line for line in lines if "chosen on validation by the `cpu` preset's search" in line]
+    assert f"trained {cpu['chosen']['steps']} steps here, the budget that search chose." in note
+    assert note.startswith("Preset `gpu`: 28 px, bf16 autocast, batch")
     shutil.rmtree(tmp_path / "results" / "sweep-cpu")
     with pytest.raises(SystemExit, match="vpt_deep: no final record"):
         sweep.main([*argv, "--preset", "gpu", "--transfer_from", "cpu", "--steps", "3", "--seeds", "0"])
