@@ -108,8 +108,8 @@ PRESETS = {
 # +0.48 MAP@R, BitFit +2.17.)
 PRESETS["cpu-long"] = {**PRESETS["cpu"], "base_steps": 400}
 # The cpu preset in bf16 autocast at its longest search budget, for --transfer_from cpu: on a CPU with AVX512-BF16
-# or AMX a full fine-tuning step takes 1.5x less time than in float32 (2-core AMD EPYC, 3.47 -> 2.27 s), so the
-# table regenerates on a machine where the float32 one takes longer than the 2.5 hours (docs/sweep.md).
+# or AMX training steps take 1.4-1.6x less time than in float32, so the table regenerates within the 2.5
+# hours on a 2-core AMD EPYC, where the float32 one does not (2 h 15 min for its 37 runs; docs/sweep.md).
 PRESETS["cpu-bf16"] = {**PRESETS["cpu"], "base_steps": 200, "mixed_precision": "bf16"}
 # The same for every row and every trial (fixed before any run of the sweep).
 PROTOCOL = {
@@ -588,7 +588,8 @@ def _regeneration_note(records: list[dict]) -> str:
     if not timed:
         return ""
     reused = any(r.get("trained_by_trial") for r in records)
-    return (f" The {len(timed)} final run{'s' if len(timed) != 1 else ''} took {sum(timed) / 3600:.2f} h of wall time in all (summed run by run"
+    runs = f"{len(timed)} final run" + ("s" if len(timed) != 1 else "")
+    return (f" The {runs} took {sum(timed) / 3600:.2f} h of wall time in all (summed run by run"
             + ("; a search seed's training counted at its trial's time)." if reused else ")."))
 
 
