@@ -194,6 +194,11 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPU cores, no GPU"
 
 
+def precision_text(settings: dict) -> str:
+    """A preset's training precision as its table's note says it: ``float32`` or ``bf16 autocast``."""
+    return "float32" if settings["mixed_precision"] == "no" else f"{settings['mixed_precision']} autocast"
+
+
 def machines_note(records: list[dict]) -> str:
     """The table's machine line: the one machine its runs ran on, or each with its count when rows were added on
     another machine (naming only the first record's would misstate the others)."""
@@ -319,7 +324,8 @@ def render_table(results: list[dict], preset: str) -> str:
     first = results[0]
     settings = PRESETS[preset]
     notes = [
-        f"Preset `{preset}`: {settings['image_size']} px, {settings['num_epochs']} epoch(s), batch "
+        f"Preset `{preset}`: {settings['image_size']} px, {precision_text(settings)}, {settings['num_epochs']} "
+        "epoch(s), batch "
         f"{TRAINING['batch_size']} ({TRAINING['m_per_class']} images per class), lr {TRAINING['learning_rate']}, "
         f"proxy lr {TRAINING['proxy_lr']}; backbone `{first['backbone']}`, data set `{first['dataset']}`.",
         machines_note(results),

@@ -77,6 +77,7 @@ from retrieval import (  # noqa: E402
     eval_command,
     machines_note,
     mean_std,
+    precision_text,
     rebuild_table,
     run_facts,
     run_logged,
@@ -566,9 +567,7 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
                "while the best is at an edge, then 2x steps, doubled again while the longest wins (steps tried: the "
                "budgets run), then the prompt length or rank, halved or doubled while the best is at an edge).")
     notes = [
-        f"Preset `{preset}`: {settings['image_size']} px, "
-        + ("float32" if settings["mixed_precision"] == "no" else f"{settings['mixed_precision']} autocast")
-        + f", batch {PROTOCOL['batch_size']} "
+        f"Preset `{preset}`: {settings['image_size']} px, {precision_text(settings)}, batch {PROTOCOL['batch_size']} "
         f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
         f"proxy lr {PROTOCOL['proxy_lr']}, "
         f"{int(100 * PROTOCOL['val_classes'])} % of the training classes held out for validation"

@@ -137,10 +137,11 @@ def test_table_timings_are_the_median_run():
         {**base, "seed": s, "metrics": {k: r1 / 100 for k, _ in module.METRICS}, "train_seconds": t, "inference_images_per_second": v}
         for s, r1, t, v in [(0, 60.0, 1200.0, 20.0), (1, 70.0, 120.0, 90.0), (2, 80.0, 60.0, 100.0)]
     ]  # fmt: skip
-    line = module.render_table(runs, "cpu").splitlines()[2]
-    cells = [c.strip() for c in line.strip("|").split("|")]
+    table = module.render_table(runs, "cpu").splitlines()
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[1] == "0,1,2" and cells[2] == "70.00 ± 10.00"
     assert cells[-2:] == ["2.0", "90"]  # 120 s and 90 img/s, not the means (7.0 min, 70 img/s)
+    assert any(line.startswith("Preset `cpu`: 70 px, float32, 1 epoch(s)") for line in table)  # the note's precision
 
 
 def test_finished_runs_are_skipped_and_missing_ones_rerun(bench, capsys):
