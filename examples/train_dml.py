@@ -41,6 +41,7 @@ import prompt_peft
 from prompt_peft.backbones import load_backbone
 from prompt_peft.backbone_tuning import (
     LORA_BIASES,
+    LORA_INITS,
     LORA_TARGETS,
     backbone_parameter_filter,
     check_backbone_tuning,
@@ -162,7 +163,7 @@ class TrainArguments:
         default="all",
         metadata={
             "help": "With --backbone_lr, which backbone parameters train: 'all' (full fine-tuning), 'bias' (BitFit) "
-            "or 'lora' (peft's LoRA, --lora_rank, --lora_targets, --lora_bias, --lora_dora)."
+            "or 'lora' (peft's LoRA, --lora_rank, --lora_targets, --lora_bias, --lora_dora, --lora_init)."
         },
     )
     lora_rank: int = field(default=8, metadata={"help": "Rank of --backbone_tuning lora."})
@@ -188,6 +189,15 @@ class TrainArguments:
         metadata={
             "help": "peft's DoRA for --backbone_tuning lora (LoraConfig(use_dora=True)): a trained magnitude per "
             "output feature of each adapted weight as well."
+        },
+    )
+    lora_init: str = field(
+        default="default",
+        metadata={
+            "help": "peft's init_lora_weights for --backbone_tuning lora: 'default' (the update starts at zero), "
+            "'pissa' (the LoRA matrices start as each weight's top singular part, taken out of the weight) or "
+            "'olora' (an orthonormal QR start, taken out the same way).",
+            "choices": list(LORA_INITS),
         },
     )
     activation_checkpointing: bool = field(
@@ -239,11 +249,13 @@ def parse_args(argv=None):
 
 
 def backbone_tuning_options(train_args: TrainArguments) -> None:
-    """--backbone_tuning, --lora_bias and --lora_dora make sense together (checked before any model loads)."""
+    """--backbone_tuning and the --lora_* switches make sense together (checked before any model loads)."""
     try:
-        check_backbone_tuning(train_args.backbone_tuning, train_args.lora_bias, train_args.lora_dora)
+        check_backbone_tuning(
+            train_args.backbone_tuning, train_args.lora_bias, train_args.lora_dora, train_args.lora_init
+        )
     except ValueError as error:
-        raise ConfigError(f"--backbone_tuning / --lora_bias / --lora_dora: {error}") from None
+        raise ConfigError(f"--backbone_tuning / --lora_bias / --lora_dora / --lora_init: {error}") from None
 
 
 def method_options(model_args: ModelArguments) -> dict:
@@ -272,6 +284,7 @@ def build_model(model_args: ModelArguments, num_classes: int, train_args: Option
             lora_targets=train_args.lora_targets,
             lora_bias=train_args.lora_bias,
             lora_dora=train_args.lora_dora,
+            lora_init=train_args.lora_init,
         )
     model = get_peft_model(backbone, config)
     if model_args.base_model_hub_id:  # keep local paths out of the saved adapter and its card

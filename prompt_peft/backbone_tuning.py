@@ -13,7 +13,11 @@ head alone); what differs is which backbone parameters also train, at ``backbone
   ``lora_A`` / ``lora_B`` matrices train, and with ``lora_bias="all"`` (peft's ``LoraConfig(bias="all")``)
   every bias of the backbone as well: LoRA and BitFit together; with ``lora_dora=True`` peft's DoRA
   (``LoraConfig(use_dora=True)``, Liu et al., ICML 2024) also trains a magnitude per output feature of each
-  adapted weight.
+  adapted weight; ``lora_init`` picks peft's initialisation of the LoRA matrices: ``"default"`` (``lora_B`` zero,
+  the update starts at 0), ``"pissa"`` (PiSSA, Meng et al., NeurIPS 2024: the matrices start as the weight's
+  top-rank singular part, which leaves the base layer, so training moves the principal directions first) or
+  ``"olora"`` (OLoRA, Büyükakyüz 2024: an orthonormal QR start taken out of the weight the same way); all three
+  compute the pretrained function at the start, and merging gives the plain backbone back.
 """
 
 from __future__ import annotations
@@ -43,11 +47,15 @@ LORA_TARGETS = {
 LORA_ADAPTER = "backbone_lora"
 # peft's LoraConfig.bias values that this module supports: no bias trains, or every bias of the backbone does
 LORA_BIASES = ("none", "all")
+# what --lora_init names: peft's LoraConfig.init_lora_weights for each
+LORA_INITS = {"default": True, "pissa": "pissa", "olora": "olora"}
 
 
-def check_backbone_tuning(tuning: str, lora_bias: str = "none", lora_dora: bool = False) -> None:
-    """Raises ``ValueError`` unless ``tuning``, ``lora_bias`` and ``lora_dora`` make sense together (the options
-    beyond ``tuning`` need ``"lora"``)."""
+def check_backbone_tuning(
+    tuning: str, lora_bias: str = "none", lora_dora: bool = False, lora_init: str = "default"
+) -> None:
+    """Raises ``ValueError`` unless ``tuning``, ``lora_bias``, ``lora_dora`` and ``lora_init`` make sense together
+    (the options beyond ``tuning`` need ``"lora"``)."""
     if tuning not in BACKBONE_TUNINGS:
         raise ValueError(f"backbone tuning must be one of {BACKBONE_TUNINGS}, got {tuning!r}")
     if lora_bias not in LORA_BIASES:
@@ -56,6 +64,10 @@ def check_backbone_tuning(tuning: str, lora_bias: str = "none", lora_dora: bool 
         raise ValueError(f"LoRA bias {lora_bias!r} needs backbone tuning 'lora', got {tuning!r}")
     if lora_dora and tuning != "lora":
         raise ValueError(f"DoRA needs backbone tuning 'lora', got {tuning!r}")
+    if lora_init not in LORA_INITS:
+        raise ValueError(f"LoRA init must be one of {sorted(LORA_INITS)}, got {lora_init!r}")
+    if lora_init != "default" and tuning != "lora":
+        raise ValueError(f"LoRA init {lora_init!r} needs backbone tuning 'lora', got {tuning!r}")
 
 
 def prepare_backbone(
@@ -67,12 +79,14 @@ def prepare_backbone(
     lora_targets: str = "attention",
     lora_bias: str = "none",
     lora_dora: bool = False,
+    lora_init: str = "default",
 ):
     """``backbone`` ready for ``tuning``: with ``"lora"``, LoRA of rank ``lora_rank`` (alpha default ``2 ×``
-    rank, dropout 0, peft's ``bias=lora_bias`` and ``use_dora=lora_dora``) injected into the layers
+    rank, dropout 0, peft's ``bias=lora_bias``, ``use_dora=lora_dora`` and the initialisation ``lora_init``, a
+    key of ``LORA_INITS``) injected into the layers
     ``lora_targets`` names (a key of ``LORA_TARGETS``; in place: the model class is unchanged, so a prompt_peft
     adapter can wrap it next). Other tunings change nothing here."""
-    check_backbone_tuning(tuning, lora_bias, lora_dora)
+    check_backbone_tuning(tuning, lora_bias, lora_dora, lora_init)
     if lora_targets not in LORA_TARGETS:
         raise ValueError(f"LoRA targets must be one of {sorted(LORA_TARGETS)}, got {lora_targets!r}")
     if tuning != "lora":
@@ -83,6 +97,7 @@ def prepare_backbone(
         lora_dropout=0.0,
         bias=lora_bias,
         use_dora=lora_dora,
+        init_lora_weights=LORA_INITS[lora_init],
         target_modules=LORA_TARGETS[lora_targets],
         # never the pooling heads outside the blocks, which have linear layers of the same names (SigLIP's out_proj)
         exclude_modules=_outside_blocks(backbone),
