@@ -89,6 +89,28 @@ def test_merged_lora_is_the_plain_backbone_computing_the_same_function(targets, 
         assert not torch.allclose(adapted, tiny_model("Dinov2Model")(pixel_values=pixels()).last_hidden_state)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_start_at_the_pretrained_function_and_merge_back_to_it(init):
+    """PiSSA / OLoRA move a top-rank part of each adapted weight into lora_A / lora_B: the base layer changes, the
+    function must not, and merging (untrained) must give the pretrained weights back."""
+    reference = tiny_model("Dinov2Model")
+    model = prepare_backbone(tiny_model("Dinov2Model"), "lora", lora_rank=2, lora_targets="attention-all", lora_init=init)
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(adapted) == 4 * model.config.num_hidden_layers
+    for module in adapted:  # unlike the default start, both matrices are nonzero and the base weight was changed
+        assert module.lora_B["backbone_lora"].weight.abs().sum() > 0
+    base = dict(reference.named_parameters())
+    residual = model.get_submodule("encoder.layer.0.attention.o_proj").base_layer.weight
+    assert not torch.allclose(residual, base["encoder.layer.0.attention.o_proj.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels()).last_hidden_state,
+                                   reference(pixel_values=pixels()).last_hidden_state, atol=1e-5, rtol=1e-4)  # fmt: skip
+        merged = merge_lora(model).state_dict()
+    assert merged.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(merged[key], value, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("tuning", "lora_bias", "dora"),
     [("bias", "none", False), ("lora", "none", False), ("lora", "all", False), ("lora", "all", True),
@@ -132,6 +154,10 @@ def test_bad_tuning_is_refused():
         backbone_parameter_filter("bias", "all")
     with pytest.raises(ValueError, match="DoRA needs backbone tuning 'lora'"):
         prepare_backbone(tiny_model("ViTModel"), "bias", lora_dora=True)
+    with pytest.raises(ValueError, match="LoRA init must be one of"):
+        prepare_backbone(tiny_model("ViTModel"), "lora", lora_init="gaussian")
+    with pytest.raises(ValueError, match="LoRA init 'pissa' needs backbone tuning 'lora'"):
+        prepare_backbone(tiny_model("ViTModel"), "bias", lora_init="pissa")
 
 
 def attention_lora_size(backbone, rank: int) -> int:
@@ -221,6 +247,15 @@ def test_dora_run_trains_lora_its_magnitudes_and_every_bias_and_saves_them_merge
     backbone = AutoModel.from_pretrained(workspace / "backbone")
     magnitudes = backbone.config.num_hidden_layers * 3 * backbone.config.hidden_size
     assert_lora_and_biases_trained(workspace, tmp_path, summary, attention_lora_size(backbone, 2) + magnitudes, QKV)
+
+
+def test_pissa_run_trains_lora_and_every_bias_and_saves_the_merged_backbone(workspace, tmp_path):
+    """--lora_init pissa: the same parameters train as with the default start, and the saved backbone is the
+    plain class with the residual weight and the trained top-rank part added back together."""
+    summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all",
+                    "--lora_init", "pissa")  # fmt: skip
+    lora = attention_lora_size(AutoModel.from_pretrained(workspace / "backbone"), rank=2)
+    assert_lora_and_biases_trained(workspace, tmp_path, summary, lora, QKV)
 
 
 def test_attention_all_lora_with_biases_run_trains_q_k_v_and_output_projections_and_counts_them(workspace, tmp_path):

@@ -204,6 +204,8 @@ CLI_CASES = [
     ),
     ("cli_unknown_lora_bias", ["--lora_bias", "lora_only"], r"argument --lora_bias.*invalid choice: .lora_only."),
     ("cli_dora_without_lora", ["--backbone_tuning", "bias", "--lora_dora", "true"], r"DoRA needs backbone tuning"),
+    ("cli_pissa_without_lora", ["--backbone_tuning", "bias", "--lora_init", "pissa"], r"LoRA init 'pissa' needs"),
+    ("cli_unknown_lora_init", ["--lora_init", "gaussian"], r"argument --lora_init.*invalid choice: .gaussian."),
     ("cli_absurd_batch", ["--batch_size", "10000000"], r"batch_size=10000000 is far beyond"),
     ("cli_zero_embedding_dim", ["--embedding_dim", "0"], r"embedding_dim must be a positive integer"),
     ("cli_float_seed", ["--seed", "1.7"], r"argument --seed: invalid int value"),
