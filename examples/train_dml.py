@@ -134,6 +134,11 @@ class DataArguments:
     eval_images_per_class: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on at most this many images per class (validation and test)."}
     )
+    train_images_per_class: Optional[int] = field(
+        default=None,
+        metadata={"help": "Train on at most this many images per class (seeded by --val_seed; the validation classes "
+                  "keep theirs): the same steps cover more epochs of fewer images."},
+    )
     eval_test: bool = field(
         default=True, metadata={"help": "With --val_classes: also evaluate the test split at the end."}
     )
@@ -243,9 +248,18 @@ def parse_args(argv=None):
         check_settings(settings)
         method_options(settings[0])
         backbone_tuning_options(settings[2])
+        image_caps(settings[1])
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")  # one line, before any model loads
     return settings
+
+
+def image_caps(data_args: DataArguments) -> None:
+    """--eval_images_per_class and --train_images_per_class, when given, are at least 1 (before any data loads)."""
+    for name in ("eval_images_per_class", "train_images_per_class"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {value}")
 
 
 def backbone_tuning_options(train_args: TrainArguments) -> None:
@@ -331,6 +345,7 @@ def run(argv=None):
         val_classes=data_args.val_classes,
         val_seed=data_args.val_seed,
         eval_images_per_class=data_args.eval_images_per_class,
+        train_images_per_class=data_args.train_images_per_class,
     )
     train_labels, label_map = contiguous_labels(splits["train"])
     splits = with_rgb_images(splits)  # decode with clear errors, always RGB
@@ -521,6 +536,7 @@ def run(argv=None):
         "final_metrics": metrics,
         "validation_metrics": validation_metrics,
         "validation_classes": data_args.val_classes,
+        "train_images": len(splits["train"]),
         "eval_images": sum(len(split) for split in eval_splits.values()),
         "bad_images_skipped": len(skipped_images),
         "eval_seconds": round(eval_seconds, 3) if eval_seconds is not None else None,

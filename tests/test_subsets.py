@@ -74,5 +74,19 @@ def test_protocol_splits_cap_evaluation_splits_only():
     out = protocol_splits(splits, val_classes=0.2, val_seed=0, eval_images_per_class=2)
     assert Counter(out["test"]["label"]) == {c: 2 for c in range(10, 14)}
     assert set(Counter(out[VALIDATION]["label"]).values()) == {2}
-    assert set(Counter(out["train"]["label"]).values()) == {6}  # training images are never capped
+    assert set(Counter(out["train"]["label"]).values()) == {6}  # training images are not capped by it
     assert protocol_splits(splits) is splits
+
+
+def test_protocol_splits_cap_training_images_after_holding_out_validation():
+    splits = make_splits(per_class=6)
+    out = protocol_splits(splits, val_classes=0.2, val_seed=0, train_images_per_class=2)
+    full = protocol_splits(splits, val_classes=0.2, val_seed=0)
+    assert set(Counter(out["train"]["label"]).values()) == {2}
+    assert set(out["train"]["label"]) == set(full["train"]["label"])  # every training class kept
+    assert out[VALIDATION]["image"] == full[VALIDATION]["image"]  # the validation classes keep all their images
+    assert out["test"]["image"] == splits["test"]["image"]
+    assert set(out["train"]["image"]) < set(full["train"]["image"])
+    both = protocol_splits(splits, val_classes=0.2, train_images_per_class=3, eval_images_per_class=2)
+    assert set(Counter(both["train"]["label"]).values()) == {3}
+    assert set(Counter(both["test"]["label"]).values()) == {2}

@@ -189,6 +189,18 @@ def test_validation_classes_for_every_evaluation_and_the_test_classes_once(works
     assert len(seen) == 1 and seen[0] < train  # a selection run never touches the test classes
 
 
+def test_training_image_cap_trains_on_that_many_images_of_every_class(workspace, tmp_path):
+    """--train_images_per_class: the training split shrinks to the cap per class (an epoch with it), the evaluated
+    one does not."""
+    script = load_script()
+    common = ("--num_epochs", "1", "--eval_every_epochs", "0")
+    capped = script.main(args(workspace, tmp_path / "a", *common, "--train_images_per_class", "2"))
+    full = script.main(args(workspace, tmp_path / "b", *common))
+    assert full["train_images"] == 4 * 6 and capped["train_images"] == 4 * 2  # 4 training classes x 6 images
+    assert (full["steps"], capped["steps"]) == (6, 2)  # an epoch of batches of 4
+    assert capped["eval_images"] == full["eval_images"]
+
+
 def test_yaml_config_with_cli_override(workspace, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("num_epochs: 5\nmax_steps: 2\nmethod_kwargs:\n  num_prompts: 3\n  deep: false\n")

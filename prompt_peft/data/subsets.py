@@ -72,16 +72,24 @@ def protocol_splits(
     val_classes: float = 0.0,
     val_seed: int = 0,
     eval_images_per_class: int | None = None,
+    train_images_per_class: int | None = None,
 ) -> DatasetDict:
     """The splits a training job uses: ``val_classes`` > 0 holds that fraction of the training classes out as
     ``"validation"`` (:func:`hold_out_classes`, seeded by ``val_seed``); ``eval_images_per_class`` caps every
-    split but ``"train"`` at that many images per class (:func:`limit_images_per_class`, same seed)."""
+    split but ``"train"`` at that many images per class, ``train_images_per_class`` the ``"train"`` split
+    (:func:`limit_images_per_class`, same seed; the cap is taken after the validation classes are held out, so
+    they keep all their images).
+
+    Why cap training images: a fixed step budget then covers more epochs of a smaller set, the regime of the
+    papers (tens of epochs), at a cost a CPU affords."""
     if val_classes:
         splits = hold_out_classes(splits, val_classes, seed=val_seed)
-    if eval_images_per_class is not None:
+    caps = {"train": train_images_per_class}
+    caps.update({key: eval_images_per_class for key in splits if key != "train"})
+    if any(cap is not None for cap in caps.values()):
         splits = DatasetDict(
             {
-                key: ds if key == "train" else limit_images_per_class(ds, eval_images_per_class, seed=val_seed)
+                key: ds if caps[key] is None else limit_images_per_class(ds, caps[key], seed=val_seed)
                 for key, ds in splits.items()
             }
         )
