@@ -8,7 +8,8 @@ Prints R@1/2/4/8, MAP@R and R-Precision (percent) and writes them as JSON. The h
 against itself with each query excluded (or In-Shop's query split against its gallery). Images get the
 backbone's own preprocessing; an adapter is evaluated with the resolution and preprocessing it was trained with
 (recorded in it) unless ``--image_size`` is given. Runs on several processes with
-``accelerate launch``. Arguments are a dataclass, as in train_dml.py (``--help`` lists them).
+``accelerate launch``. ``--val_classes 0.2`` evaluates the validation classes a ``train_dml.py --val_classes 0.2``
+run held out instead. Arguments are a dataclass, as in train_dml.py (``--help`` lists them).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import AutoImageProcessor, HfArgumentParser
 import prompt_peft
 from prompt_peft.backbones import load_backbone
 from prompt_peft.data import (
+    VALIDATION,
     eval_transform,
     load_retrieval_dataset,
     make_collate_fn,
@@ -66,7 +68,13 @@ class EvalArguments:
     eval_images_per_class: Optional[int] = field(
         default=None, metadata={"help": "At most this many images per class (seeded by --val_seed)."}
     )
-    val_seed: int = field(default=0, metadata={"help": "Seed of the per-class image cap."})
+    val_classes: float = field(
+        default=0.0,
+        metadata={"help": "Evaluate the validation classes that train_dml.py --val_classes held out of the training "
+                  "split (the same fraction and --val_seed) instead of the test split: a check on the data "
+                  "choices are made on, never the test classes."},
+    )
+    val_seed: int = field(default=0, metadata={"help": "Seed of the validation classes and of the per-class image cap."})
     output: str = field(default="eval_results.json", metadata={"help": "Where to write the metrics as JSON."})
 
 
@@ -95,8 +103,14 @@ def main(argv=None) -> dict:
     model.to(accelerator.device)
     processor = AutoImageProcessor.from_pretrained(processor_source)
     splits = load_retrieval_dataset(args.dataset, args.data_root, check_counts=args.check_counts)
-    splits = protocol_splits(splits, val_seed=args.val_seed, eval_images_per_class=args.eval_images_per_class)
-    eval_splits = {k: v for k, v in with_rgb_images(splits).items() if k != "train"}
+    splits = protocol_splits(
+        splits, val_classes=args.val_classes, val_seed=args.val_seed, eval_images_per_class=args.eval_images_per_class
+    )
+    splits = with_rgb_images(splits)
+    if args.val_classes:  # searched against itself like a test split (the metrics read the "test" key)
+        eval_splits, names = {"test": splits[VALIDATION]}, {"test": VALIDATION}
+    else:
+        eval_splits, names = {k: v for k, v in splits.items() if k != "train"}, {}
 
     recorded = getattr(getattr(model, "peft_config", {}).get("default"), "image_preprocessing", None)
     if args.image_size is None:
@@ -123,7 +137,7 @@ def main(argv=None) -> dict:
         "dataset": args.dataset,
         "image_size": preprocessing["image_size"],
         "preprocessing": preprocessing,
-        "num_images": {k: len(v) for k, v in eval_splits.items()},
+        "num_images": {names.get(k, k): len(v) for k, v in eval_splits.items()},
         "seconds": round(time.time() - start, 3),
         "metrics": metrics,
     }

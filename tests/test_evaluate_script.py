@@ -50,3 +50,27 @@ def test_evaluate_script(workspace, tmp_path, capsys, with_adapter):
     assert result["num_images"] == {"test": 24}
     table = capsys.readouterr().out
     assert f"| R@1         | {100 * expected['recall@1']:6.2f} |" in table and "MAP@R" in table
+
+
+def test_evaluate_script_on_the_validation_classes_a_training_run_held_out(workspace, tmp_path):
+    """--val_classes: the same held-out training classes train_dml.py validated on, never the test classes."""
+    from prompt_peft.data import VALIDATION, protocol_splits
+
+    backbone, images = workspace / "backbone", workspace / "images"
+    argv = ["--backbone", str(backbone), "--dataset", "imagefolder", "--data_root", str(images), "--no_check_counts",
+            "--batch_size", "5", "--num_workers", "0", "--output", str(tmp_path / "m.json"), "--val_classes", "0.5",
+            "--val_seed", "1"]  # fmt: skip
+    result = load_script().main(argv)
+    splits = with_rgb_images(protocol_splits(load_retrieval_dataset("imagefolder", images, check_counts=False),
+                                             val_classes=0.5, val_seed=1))  # fmt: skip
+    validation, test = splits[VALIDATION], splits["test"]
+
+    def class_names(split):
+        return {split.features["label"].names[i] for i in split.with_format(None)["label"]}
+
+    assert class_names(validation) and not class_names(validation) & class_names(test)
+    collate = make_collate_fn(eval_transform(ViTImageProcessor.from_pretrained(backbone)))
+    model = ViTModel.from_pretrained(backbone).eval()
+    expected = evaluate_embeddings(*embed_dataset(model, validation, collate, batch_size=5, show_progress=False))
+    assert result["num_images"] == {VALIDATION: len(validation)} == {VALIDATION: 12}  # 2 of 4 training classes x 6
+    assert result["metrics"] == pytest.approx(expected, abs=1e-6)
