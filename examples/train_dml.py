@@ -557,7 +557,12 @@ def run(argv=None):
         )
         if train_args.backbone_lr:  # LoRA merged: a plain backbone that from_pretrained loads as it is
             backbone = merge_lora(copy.deepcopy(unwrapped).unload())
-            save_atomically(backbone.save_pretrained, output_dir / "backbone")
+
+            def save_backbone(folder):  # with its image processor: --backbone <output_dir>/backbone loads whole
+                backbone.save_pretrained(folder)
+                processor.save_pretrained(folder)
+
+            save_atomically(save_backbone, output_dir / "backbone")
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         if checkpoints := describe_checkpoints(checkpoints_dir):
             logger.info(checkpoints)

@@ -191,6 +191,20 @@ def test_bitfit_run_changes_only_the_backbone_biases(workspace, tmp_path):
     assert 0 < head < biases  # the head's own parameters plus every backbone bias, nothing else
 
 
+def test_a_trained_backbone_is_saved_with_its_processor_and_evaluates_to_the_run_s_metrics(workspace, tmp_path):
+    """evaluate.py --adapter <out>/adapter --backbone <out>/backbone: the saved backbone loads whole (weights and
+    image processor) and gives the numbers the training run reported."""
+    summary = train(workspace, tmp_path / "run", "--backbone_tuning", "lora", "--lora_rank", "2", "--lora_bias", "all")
+    evaluate = _load("examples/evaluate.py", "evaluate_script_tuning")
+    result = evaluate.main([
+        "--adapter", str(tmp_path / "run" / "adapter"), "--backbone", str(tmp_path / "run" / "backbone"),
+        "--dataset", "imagefolder", "--data_root", str(workspace / "images"), "--no_check_counts",
+        "--batch_size", "8", "--num_workers", "0", "--output", str(tmp_path / "eval.json"),
+    ])  # fmt: skip
+    assert result["metrics"] == pytest.approx(summary["final_metrics"], abs=1e-6)
+    assert result["backbone"] == str(tmp_path / "run" / "backbone")  # its processor came from there
+
+
 def test_lora_run_trains_the_lora_matrices_and_counts_them(workspace, tmp_path):
     summary = train(workspace, tmp_path, "--backbone_tuning", "lora", "--lora_rank", "2")
     backbone = AutoModel.from_pretrained(workspace / "backbone")

@@ -690,6 +690,20 @@ class PromptedTuner(BaseTuner):
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # peft takes the entries of every tuner layer in the model; a backbone that carries peft layers of its own
+        # (LoRA injected by prompt_peft.backbone_tuning, saved merged into the backbone) must not leak them into
+        # this adapter, whose config does not describe them: loading it would then fail (strict_loading)
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        foreign = tuple(
+            f"{name}." for name, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, PromptedLayer)
+        )
+        if not foreign:
+            return entries
+        return {key: value for key, value in entries.items() if not key.startswith(foreign)}
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # peft loads with strict=False; a prompt_peft adapter loads exactly or raises (see strict_loading).
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
