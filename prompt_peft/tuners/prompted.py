@@ -699,8 +699,6 @@ class PromptedTuner(BaseTuner):
             f"{name}." for name, module in model.named_modules()
             if isinstance(module, BaseTunerLayer) and not isinstance(module, PromptedLayer)
         )
-        if not foreign:
-            return entries
         return {key: value for key, value in entries.items() if not key.startswith(foreign)}
 
     @classmethod
