@@ -29,6 +29,7 @@ import prompt_peft
 from prompt_peft.backbones import load_backbone
 from prompt_peft.data import (
     VALIDATION,
+    check_image_cap,
     eval_transform,
     load_retrieval_dataset,
     make_collate_fn,
@@ -83,6 +84,11 @@ def parse_args(argv=None) -> EvalArguments:
     (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     if not args.backbone and not args.adapter:
         parser.error("give --backbone, --adapter, or both")
+    if args.eval_images_per_class is not None:
+        try:
+            check_image_cap(args.eval_images_per_class, "--eval_images_per_class")
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 

@@ -63,6 +63,7 @@ from prompt_peft.visualize import resampled_grid, retrieval_gallery, training_cu
 from prompt_peft.data import (
     VALIDATION,
     SeededRows,
+    check_image_cap,
     contiguous_labels,
     preprocessing_of,
     transform_from_preprocessing,
@@ -257,9 +258,11 @@ def parse_args(argv=None):
 def image_caps(data_args: DataArguments) -> None:
     """--eval_images_per_class and --train_images_per_class, when given, are at least 1 (before any data loads)."""
     for name in ("eval_images_per_class", "train_images_per_class"):
-        value = getattr(data_args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {value}")
+        if (value := getattr(data_args, name)) is not None:
+            try:
+                check_image_cap(value, f"--{name}")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
 
 def backbone_tuning_options(train_args: TrainArguments) -> None:

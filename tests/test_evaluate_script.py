@@ -74,3 +74,9 @@ def test_evaluate_script_on_the_validation_classes_a_training_run_held_out(works
     expected = evaluate_embeddings(*embed_dataset(model, validation, collate, batch_size=5, show_progress=False))
     assert result["num_images"] == {VALIDATION: len(validation)} == {VALIDATION: 12}  # 2 of 4 training classes x 6
     assert result["metrics"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_evaluate_script_refuses_a_bad_image_cap_before_loading_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--backbone", str(tmp_path / "absent"), "--eval_images_per_class", "0"])
+    assert "--eval_images_per_class must be a positive integer, got 0" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from .datasets import (
 )
 from .hub_datasets import FLOWERS102_CLASS_NAMES, HUB_SOURCES, HubSource, load_benchmark_from_hub
 from .samplers import MPerClassBatchSampler
-from .subsets import VALIDATION, hold_out_classes, limit_images_per_class, protocol_splits
+from .subsets import VALIDATION, check_image_cap, hold_out_classes, limit_images_per_class, protocol_splits
 from .transforms import (
     SeededRows,
     eval_transform,
@@ -53,6 +53,7 @@ __all__ = [
     "VALIDATION",
     "hold_out_classes",
     "limit_images_per_class",
+    "check_image_cap",
     "protocol_splits",
     "SeededRows",
     "eval_transform",

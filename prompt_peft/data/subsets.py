@@ -51,10 +51,15 @@ def hold_out_classes(
     return DatasetDict({source: splits[source].select(keep), name: splits[source].select(moved), **out})
 
 
+def check_image_cap(max_images, name: str = "max images per class") -> None:
+    """Raises ``ValueError`` unless ``max_images`` is a positive integer (scripts call it before any data loads)."""
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"{name} must be a positive integer, got {max_images!r}")
+
+
 def limit_images_per_class(ds: Dataset, max_images: int, *, seed: int = 0) -> Dataset:
     """At most ``max_images`` rows of each class of ``ds``, drawn with ``random.Random(seed)`` (row order kept)."""
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max images per class must be a positive integer, got {max_images!r}")
+    check_image_cap(max_images)
     rows_of: dict = defaultdict(list)
     for i, label in enumerate(_labels(ds)):
         rows_of[label].append(i)
