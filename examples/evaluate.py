@@ -75,7 +75,9 @@ class EvalArguments:
                   "split (the same fraction and --val_seed) instead of the test split: a check on the data "
                   "choices are made on, never the test classes."},
     )
-    val_seed: int = field(default=0, metadata={"help": "Seed of the validation classes and of the per-class image cap."})
+    val_seed: int = field(
+        default=0, metadata={"help": "Seed of the validation classes and of the per-class image cap."}
+    )
     output: str = field(default="eval_results.json", metadata={"help": "Where to write the metrics as JSON."})
 
 

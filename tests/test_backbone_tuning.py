@@ -94,7 +94,9 @@ def test_pissa_and_olora_start_at_the_pretrained_function_and_merge_back_to_it(i
     """PiSSA / OLoRA move a top-rank part of each adapted weight into lora_A / lora_B: the base layer changes, the
     function must not, and merging (untrained) must give the pretrained weights back."""
     reference = tiny_model("Dinov2Model")
-    model = prepare_backbone(tiny_model("Dinov2Model"), "lora", lora_rank=2, lora_targets="attention-all", lora_init=init)
+    model = prepare_backbone(
+        tiny_model("Dinov2Model"), "lora", lora_rank=2, lora_targets="attention-all", lora_init=init
+    )
     adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
     assert len(adapted) == 4 * model.config.num_hidden_layers
     for module in adapted:  # unlike the default start, both matrices are nonzero and the base weight was changed

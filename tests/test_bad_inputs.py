@@ -207,8 +207,16 @@ CLI_CASES = [
     ("cli_pissa_without_lora", ["--backbone_tuning", "bias", "--lora_init", "pissa"], r"LoRA init 'pissa' needs"),
     ("cli_unknown_lora_init", ["--lora_init", "gaussian"], r"argument --lora_init.*invalid choice: .gaussian."),
     ("cli_absurd_batch", ["--batch_size", "10000000"], r"batch_size=10000000 is far beyond"),
-    ("cli_zero_train_images", ["--train_images_per_class", "0"], r"--train_images_per_class must be a positive integer, got 0"),
-    ("cli_negative_eval_images", ["--eval_images_per_class", "-3"], r"--eval_images_per_class must be a positive integer"),
+    (
+        "cli_zero_train_images",
+        ["--train_images_per_class", "0"],
+        r"--train_images_per_class must be a positive integer, got 0",
+    ),
+    (
+        "cli_negative_eval_images",
+        ["--eval_images_per_class", "-3"],
+        r"--eval_images_per_class must be a positive integer",
+    ),
     ("cli_zero_embedding_dim", ["--embedding_dim", "0"], r"embedding_dim must be a positive integer"),
     ("cli_float_seed", ["--seed", "1.7"], r"argument --seed: invalid int value"),
 ]
