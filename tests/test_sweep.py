@@ -526,6 +526,27 @@ def test_cpu_bf16_is_the_cpu_preset_in_bf16_at_its_longest_searched_budget(tmp_p
     assert "--mixed_precision bf16" in command and "--max_steps 200" in command and "--image_size 112" in command
 
 
+def test_cpu_few_is_the_cpu_preset_on_ten_training_images_per_class(tmp_path):
+    """``--preset cpu-few --transfer_from cpu``: the cpu search's values and budget; the training split capped at 10
+    images per class (the cpu preset passes no cap)."""
+    sweep = load_sweep()
+    cpu, few = sweep.PRESETS["cpu"], sweep.PRESETS["cpu-few"]
+    longest = cpu["base_steps"] * 2 ** (1 + sweep.STEP_EXTENSIONS)
+    assert few == {**cpu, "base_steps": longest, "train_images_per_class": 10}
+    final = tmp_path / "sweep-cpu" / "final"
+    final.mkdir(parents=True)
+    chosen = {"backbone_lr": 0.001, "steps": 200, "lora_rank": 2}
+    (final / "lora_bias_attention_all-seed0.json").write_text(json.dumps({"chosen": chosen, "search_trials": 9,
+                                                                          "search_seeds": [0, 1, 2]}))
+    for preset, cap in (("cpu-few", "--train_images_per_class 10"), ("cpu-long", None)):
+        args = sweep.parse_args(["--preset", preset, "--transfer_from", "cpu", "--results_dir", str(tmp_path)])
+        values, _ = sweep.transferred(args, "lora_bias_attention_all")
+        command = " ".join(sweep.train_command(args, "lora_bias_attention_all", values, 0, tmp_path, eval_test=True))
+        assert ("--train_images_per_class" in command) == bool(cap) and "--lora_rank 2" in command
+        if cap:
+            assert cap in command and "--max_steps 200" in command and "--backbone_lr 0.001" in command
+
+
 @pytest.mark.parametrize("bad", [["--transfer_from", "cpu"], ["--steps", "5"],
                                  ["--preset", "gpu", "--transfer_from", "cpu", "--steps", "0"]])
 def test_transfer_options_refuse_what_cannot_mean_anything(bad):
