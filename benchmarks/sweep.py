@@ -584,7 +584,38 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
         "the seeds. Trials: the sets of values tried in the search before the choice, each scored by its mean "
         "validation metric over the row's search seeds.",
     ]
-    return "\n".join([*lines, "", *notes]) + "\n"
+    paired = render_paired(by_row)
+    return "\n".join([*lines, "", *notes, *(["", *paired] if paired else [])]) + "\n"
+
+
+def render_paired(by_row: dict[str, list[dict]], baseline: str = "full_finetune") -> list[str]:
+    """Markdown lines: every row against ``baseline`` seed by seed (the first goal of the table: is the best
+    parameter-efficient row at least as good?). A row's test metric minus the baseline's at the same seed, mean ±
+    standard error of that mean over the seeds both ran (a seed's data order and initialisation are shared, so the
+    pairs cancel much of the seed noise), and at how many of those seeds the row is at least as good. Nothing when
+    the baseline has no seeded run or no other row shares two of its seeds."""
+    base = {r["seed"]: r["metrics"] for r in by_row.get(baseline, []) if r["seed"] is not None}
+    keys = [("recall@1", "R@1"), ("map@r", "MAP@R")]
+    lines = []
+    for name in [n for n in SPACES if n != baseline and n in by_row]:
+        runs = sorted((r for r in by_row[name] if r["seed"] in base), key=lambda r: r["seed"])
+        if len(runs) < 2:
+            continue
+        cells = [label(name), ",".join(str(r["seed"]) for r in runs)]
+        ahead = []
+        for key, _ in keys:
+            diffs = [100 * (r["metrics"][key] - base[r["seed"]][key]) for r in runs]
+            mean, std = mean_std(diffs)
+            cells.append(f"{mean:+.2f} ± {std / len(diffs) ** 0.5:.2f}")
+            ahead.append(str(sum(d >= 0 for d in diffs)))
+        lines.append("| " + " | ".join([*cells, " / ".join(ahead)]) + " |")
+    if not lines:
+        return []
+    head = ["Method", "seeds", *[f"{lab} − {label(baseline).lower()}" for _, lab in keys],
+            "seeds at least as good (R@1 / MAP@R)"]  # fmt: skip
+    note = (f"Against {label(baseline).lower()}, seed by seed: test metric minus {label(baseline).lower()}'s at the "
+            "same seed, in points, mean ± standard error of that mean over the seeds both ran.")
+    return [note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
 
 
 def _regeneration_note(records: list[dict]) -> str:

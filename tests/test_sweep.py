@@ -454,6 +454,28 @@ def test_steps_tried_counts_only_budgets_run_at_every_search_seed_of_the_row():
     assert cells == {"LoRA": "50,100", "BitFit": "-"}
 
 
+def test_paired_comparison_subtracts_full_fine_tuning_seed_by_seed():
+    """The table's comparison with full fine-tuning pairs runs by seed: mean difference ± its standard error, over
+    the seeds both ran only (a seed full fine-tuning lacks is left out), and the count of seeds at least as good."""
+    sweep = load_sweep()
+
+    def run(row, seed, r1, mapr):
+        return {"row": row, "seed": seed, "metrics": {"recall@1": r1, "map@r": mapr}}
+
+    by_row = {"full_finetune": [run("full_finetune", s, 0.90 + 0.01 * s, 0.60) for s in (0, 1, 2)],
+              "lora": [run("lora", 0, 0.92, 0.59), run("lora", 1, 0.91, 0.61), run("lora", 2, 0.96, 0.58),
+                       run("lora", 7, 0.10, 0.10)],  # seed 7: no full fine-tuning run to pair with
+              "bitfit": [run("bitfit", 0, 0.5, 0.5), run("bitfit", 7, 0.5, 0.5)]}  # one pair: no row
+    lines = sweep.render_paired(by_row)
+    (lora,) = [line for line in lines if line.startswith("| LoRA |")]
+    r1 = [2.0, 0.0, 4.0]  # 92-90, 91-91, 96-92
+    mapr = [-1.0, 1.0, -2.0]
+    se = [statistics.stdev(d) / 3**0.5 for d in (r1, mapr)]
+    assert lora == f"| LoRA | 0,1,2 | +2.00 ± {se[0]:.2f} | -0.67 ± {se[1]:.2f} | 3 / 1 |"
+    assert not any(line.startswith("| BitFit") for line in lines)
+    assert sweep.render_paired({"lora": by_row["lora"]}) == []  # no baseline, no section
+
+
 def test_transfer_from_trains_the_other_presets_choice_at_the_given_steps_without_a_search(swept, monkeypatch,
                                                                                            tmp_path):
     """The GPU lease: the cpu search's chosen learning rate and prompt length, ``--steps`` steps, no trial run;
