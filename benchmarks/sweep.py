@@ -576,6 +576,8 @@ def render_table(records: list[dict], preset: str, tried: dict[str, list[int]] |
         f"({PROTOCOL['batch_size'] // PROTOCOL['m_per_class']} classes × {PROTOCOL['m_per_class']} per class), "
         f"proxy lr {PROTOCOL['proxy_lr']}, "
         f"{int(100 * PROTOCOL['val_classes'])} % of the training classes held out for validation"
+        + (f", {settings['train_images_per_class']} images per training class trained on"
+           if settings.get("train_images_per_class") else "")  # fmt: skip
         + (f", at most {settings['eval_images_per_class']} images per class evaluated"
            if settings["eval_images_per_class"] else "")  # fmt: skip
         + f"; backbone `{first['backbone']}`, data set `{first['dataset']}`. " + how,

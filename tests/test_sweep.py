@@ -567,6 +567,12 @@ def test_cpu_few_is_the_cpu_preset_on_ten_training_images_per_class(tmp_path):
         assert ("--train_images_per_class" in command) == bool(cap) and "--lora_rank 2" in command
         if cap:
             assert cap in command and "--max_steps 200" in command and "--backbone_lr 0.001" in command
+        record = {"row": "lora_bias_attention_all", "seed": 0, "chosen": values, "search_trials": 9,
+                  "label": "q/k/v/o", "metrics": {k: 0.5 for k, _ in sweep.METRICS}, "validation_metrics": None,
+                  "parameters": {"trainable": 1}, "train_seconds": 60.0, "select_metric": "map@r", "backbone": "b",
+                  "dataset": "d", "machine": "m"}  # fmt: skip
+        note = "10 images per training class trained on"
+        assert (note in sweep.render_table([record], preset)) == bool(cap)  # the table says what it trained on
 
 
 @pytest.mark.parametrize("bad", [["--transfer_from", "cpu"], ["--steps", "5"],
