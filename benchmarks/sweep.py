@@ -32,7 +32,8 @@ Presets (``PRESETS``): ``cpu`` = 112 px, 50 / 100 / 200 steps, test and validati
 (``docs/sweep.md`` says why); ``gpu`` = 224 px, 1,000 / 2,000 / 4,000 steps, all images;
 ``cpu-long`` = ``cpu`` at 400 steps, for ``--transfer_from cpu`` (the rows nearest to full fine-tuning, trained
 twice as long as the cpu search's longest budget, with the values it chose); ``cpu-bf16`` = ``cpu`` at 200 steps in bf16
-autocast, for ``--transfer_from cpu`` (the same table, faster on CPUs with AVX512-BF16 or AMX).
+autocast, for ``--transfer_from cpu`` (the same table, faster on CPUs with AVX512-BF16 or AMX); ``cpu-few`` = ``cpu``
+at 200 steps on 10 training images per class, for ``--transfer_from cpu`` (about 16 epochs instead of 2).
 
 ``--jobs N`` runs N trials of a search stage side by side (its values x its search seeds are independent), and N
 final runs side by side.
