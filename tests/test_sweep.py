@@ -434,6 +434,13 @@ def test_search_list_bolds_only_values_run_at_the_rows_full_set_of_search_seeds(
     assert any("backbone lr 0.001" in line and "| 0,1,2 | 60.00 | 60.00 |" in line for line in lines)  # the mean
 
 
+def table_record(sweep, *, row, chosen, search_trials, **extra):
+    """A final record with what ``render_table`` reads: seed 0, every test metric 0.5, no validation metrics."""
+    return {"row": row, "seed": 0, "chosen": chosen, "search_trials": search_trials, "label": row,
+            "metrics": {k: 0.5 for k, _ in sweep.METRICS}, "validation_metrics": None, "parameters": {"trainable": 1},
+            "train_seconds": 60.0, "select_metric": "map@r", "backbone": "b", "dataset": "d", "machine": "m", **extra}
+
+
 def test_steps_tried_counts_only_budgets_run_at_every_search_seed_of_the_row():
     """A budget still running (seed 0 of 0-2 done) is not yet tried; a row without search records shows none."""
     sweep = load_sweep()
@@ -445,10 +452,7 @@ def test_steps_tried_counts_only_budgets_run_at_every_search_seed_of_the_row():
     records = [{"row": "lora", "search_seeds": [0, 1, 2]}, {"row": "bitfit", "search_seeds": [0]}]
     assert sweep.steps_tried(trials, records) == {"lora": [50, 100]}
     assert sweep.steps_tried(trials + [trial(200, 1), trial(200, 2)], records) == {"lora": [50, 100, 200]}
-    table = sweep.render_table([{**r, "seed": 0, "chosen": {"steps": 50}, "search_trials": 3, "label": r["row"],
-                                 "metrics": {k: 0.5 for k, _ in sweep.METRICS}, "validation_metrics": None,
-                                 "parameters": {"trainable": 1}, "train_seconds": 60.0, "select_metric": "map@r",
-                                 "backbone": "b", "dataset": "d", "machine": "m"} for r in records],
+    table = sweep.render_table([table_record(sweep, **r, chosen={"steps": 50}, search_trials=3) for r in records],
                                "cpu", sweep.steps_tried(trials, records))
     cells = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in table.splitlines()[2:4]}
     assert cells == {"LoRA": "50,100", "BitFit": "-"}
@@ -567,10 +571,7 @@ def test_cpu_few_is_the_cpu_preset_on_ten_training_images_per_class(tmp_path):
         assert ("--train_images_per_class" in command) == bool(cap) and "--lora_rank 2" in command
         if cap:
             assert cap in command and "--max_steps 200" in command and "--backbone_lr 0.001" in command
-        record = {"row": "lora_bias_attention_all", "seed": 0, "chosen": values, "search_trials": 9,
-                  "label": "q/k/v/o", "metrics": {k: 0.5 for k, _ in sweep.METRICS}, "validation_metrics": None,
-                  "parameters": {"trainable": 1}, "train_seconds": 60.0, "select_metric": "map@r", "backbone": "b",
-                  "dataset": "d", "machine": "m"}  # fmt: skip
+        record = table_record(sweep, row="lora_bias_attention_all", chosen=values, search_trials=9)
         note = "10 images per training class trained on"
         assert (note in sweep.render_table([record], preset)) == bool(cap)  # the table says what it trained on
 
